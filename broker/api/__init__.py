@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI). ``broker.api.app.create_app(settings)`` builds everything."""

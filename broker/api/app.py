@@ -1,0 +1,42 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import broker as broker_pkg
+from broker.api import problems
+from broker.api.routes import health, oauth, scopes, sessions, tasks
+from broker.settings import Settings
+from broker.wiring import Broker, build_broker
+
+
+def create_app(
+    settings: Settings, *, broker: Broker | None = None, start_background: bool = True
+) -> FastAPI:
+    """Build the broker's HTTP application. Nothing is constructed at import time."""
+    the_broker = broker or build_broker(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start_background:
+            the_broker.start()
+        try:
+            yield
+        finally:
+            the_broker.stop()
+
+    app = FastAPI(
+        title="broker",
+        version=broker_pkg.__version__,
+        summary="Ephemeral credentials for AI coding agents",
+        lifespan=lifespan,
+    )
+    app.state.broker = the_broker
+    problems.install(app)
+    for router in (health.router, oauth.router, sessions.router, tasks.router, scopes.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,245 @@
+"""``broker``: serve, dev, db, version (and the agent, admin and auditor commands)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn
+
+import typer
+
+import broker
+from broker.errors import BrokerError, ConfigurationError
+from broker.settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+)
+db_app = typer.Typer(no_args_is_help=True, help="The broker's store.")
+dev_app = typer.Typer(help="The local development stack.", invoke_without_command=True)
+app.add_typer(db_app, name="db")
+app.add_typer(dev_app, name="dev")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    from broker.settings import load_settings
+
+    try:
+        return load_settings()
+    except ConfigurationError as exc:
+        fail(exc.detail)
+
+
+@app.command()
+def version() -> None:
+    """Print the broker's version."""
+    typer.echo(broker.__version__)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    migrate: Annotated[bool, typer.Option(help="Run `db upgrade` first.")] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Run the broker's HTTP API (settings from BROKER_* and BROKER_CONFIG)."""
+    import uvicorn
+
+    from broker.api.app import create_app
+    from broker.logs import configure_logging
+    from broker.store.migrate import upgrade
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    if migrate:
+        upgrade(settings.effective_database_url)
+    try:
+        application = create_app(settings)
+    except BrokerError as exc:
+        fail(exc.detail)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply the store's migrations up to REVISION."""
+    from broker.store.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.effective_database_url, revision)
+    typer.echo(f"store upgraded to {revision}")
+
+
+# --- dev ------------------------------------------------------------------------------------
+
+
+@dev_app.callback()
+def dev(
+    ctx: typer.Context,
+    env_file: Annotated[
+        Path, typer.Option(help="Write the stack's URLs here once it is ready.")
+    ] = Path(".dev/env"),
+    state_dir: Annotated[Path, typer.Option(help="Scratch folder for logs, keys and data.")] = Path(
+        ".dev/state"
+    ),
+    scopes: Annotated[Path, typer.Option(help="Scope templates to serve.")] = Path("scopes"),
+    port: Annotated[int, typer.Option(help="The broker's port.")] = 8080,
+    openbao_port: Annotated[int, typer.Option()] = 8200,
+    moto_port: Annotated[int, typer.Option()] = 8300,
+    issuer_port: Annotated[int, typer.Option()] = 8400,
+    otlp_endpoint: Annotated[
+        str | None, typer.Option(help="Export audit spans to this OTLP/HTTP endpoint.")
+    ] = None,
+) -> None:
+    """Start OpenBao, moto, a dev OIDC issuer and the broker; Ctrl-C stops them all."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from broker.devstack.stack import DevStack, Ports, run_forever
+
+    stack = DevStack(
+        state_dir=state_dir,
+        scopes_dir=scopes,
+        env_file=env_file,
+        otlp_endpoint=otlp_endpoint,
+        ports=Ports(broker=port, openbao=openbao_port, moto=moto_port, issuer=issuer_port),
+    )
+
+    def _terminate(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    try:
+        typer.echo("starting the dev stack ...", err=True)
+        urls = stack.up()
+        width = max(len(k) for k in urls)
+        for key, value in urls.items():
+            typer.echo(f"  {key.ljust(width)}  {value}")
+        typer.echo(
+            f"ready; URLs written to {env_file}. Get an agent token with:\n"
+            f"  broker dev token --sub my-agent\nCtrl-C stops everything.",
+            err=True,
+        )
+        dead = run_forever(stack)
+        typer.echo(f"error: {dead} exited; stopping the stack (logs in {state_dir})", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping ...", err=True)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.down()
+
+
+def _parse_claims(claims: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in claims:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--claim takes key=value, not {item!r}")
+        parsed: object = value
+        if value[:1] in "[{" or value in ("true", "false") or value.lstrip("-").isdigit():
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = value
+        if key in out:
+            prev = out[key]
+            out[key] = [*prev, parsed] if isinstance(prev, list) else [prev, parsed]
+        else:
+            out[key] = parsed
+    return out
+
+
+@dev_app.command("token")
+def dev_token(
+    sub: Annotated[str, typer.Option(help="The token's subject.")] = "dev-agent",
+    claim: Annotated[
+        list[str] | None, typer.Option(help="Extra claim key=value (repeat for a list).")
+    ] = None,
+    aud: Annotated[str, typer.Option(help="Audience.")] = "broker",
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 600,
+    issuer: Annotated[
+        str | None, typer.Option(envvar="OIDC_ISSUER_URL", help="The dev issuer's URL.")
+    ] = None,
+) -> None:
+    """Print an ID token from the dev issuer, alone on standard output."""
+    url = issuer or _env_file_value("OIDC_ISSUER_URL") or "http://127.0.0.1:8400"
+    body = json.dumps(
+        {"sub": sub, "aud": aud, "ttl": ttl, "claims": _parse_claims(claim or [])}
+    ).encode()
+    request = urllib.request.Request(  # noqa: S310  # the dev issuer's own http(s) URL
+        f"{url.rstrip('/')}/token",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310  # dev issuer URL
+            typer.echo(json.loads(resp.read())["id_token"])
+    except urllib.error.HTTPError as exc:
+        fail(f"the dev issuer refused: HTTP {exc.code} {exc.read()[:300].decode(errors='replace')}")
+    except (urllib.error.URLError, OSError) as exc:
+        fail(f"the dev issuer at {url} is not reachable ({exc}); is `broker dev` running?")
+
+
+def _env_file_value(key: str, path: Path = Path(".dev/env")) -> str | None:
+    try:
+        for line in path.read_text().splitlines():
+            k, sep, v = line.partition("=")
+            if sep and k.strip() == key:
+                return v.strip()
+    except OSError:
+        return None
+    return None
+
+
+@dev_app.command("issuer", hidden=True)
+def dev_issuer(
+    url: Annotated[str, typer.Option()],
+    port: Annotated[int, typer.Option()],
+    key_file: Annotated[Path, typer.Option()],
+) -> None:
+    """Run the development OIDC issuer (started by `broker dev`)."""
+    import uvicorn
+
+    from broker.api.dev_issuer import create_dev_issuer_app
+
+    uvicorn.run(
+        create_dev_issuer_app(url, key_file), host="127.0.0.1", port=port, log_level="warning"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokerError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

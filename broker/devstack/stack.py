@@ -1,0 +1,170 @@
+"""`broker dev`: the whole local stack in one command, no Docker.
+
+OpenBao (dev server), moto (STS/IAM), the dev OIDC issuer and the broker on SQLite with the
+example scopes. Children run in their own process groups and are all stopped on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.devstack import openbao
+from broker.devstack.processes import ManagedProcess, start_moto, start_openbao, wait_http
+
+
+@dataclass
+class Ports:
+    broker: int = 8080
+    openbao: int = 8200
+    moto: int = 8300
+    issuer: int = 8400
+
+
+@dataclass
+class DevStack:
+    state_dir: Path
+    scopes_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    env_file: Path | None = None
+    otlp_endpoint: str | None = None
+    processes: list[ManagedProcess] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)
+
+    def _python_child(self, name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
+        proc = ManagedProcess(
+            name, [sys.executable, "-m", "broker", *args], self.state_dir / f"{name}.log", env=env
+        ).start()
+        self.processes.append(proc)
+        return proc
+
+    def up(self) -> dict[str, str]:
+        """Start everything, wait until each part answers, write the env file; returns the URLs."""
+        if self.state_dir.exists():
+            shutil.rmtree(
+                self.state_dir
+            )  # every run starts clean: OpenBao's storage is in memory too
+        self.state_dir.mkdir(parents=True)
+        os.chmod(self.state_dir, 0o700)
+        host = "127.0.0.1"
+        root_token = "dev-root-" + secrets.token_hex(8)
+
+        bao = start_openbao(self.state_dir, self.ports.openbao, root_token)
+        self.processes.append(bao)
+        vault_addr = f"http://{host}:{self.ports.openbao}"
+        broker_token = openbao.provision(vault_addr, root_token, self.state_dir / "bao-home")
+
+        moto = start_moto(self.state_dir, self.ports.moto)
+        self.processes.append(moto)
+        aws_endpoint = f"http://{host}:{self.ports.moto}"
+
+        issuer_url = f"http://{host}:{self.ports.issuer}"
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        issuer = self._python_child(
+            "dev-issuer",
+            [
+                "dev",
+                "issuer",
+                "--url",
+                issuer_url,
+                "--port",
+                str(self.ports.issuer),
+                "--key-file",
+                str(self.state_dir / "dev-issuer-key.pem"),
+            ],
+            base_env,
+        )
+        wait_http(f"{issuer_url}/.well-known/openid-configuration", process=issuer)
+
+        broker_url = f"http://{host}:{self.ports.broker}"
+        broker_env = {
+            **base_env,
+            "BROKER_DEV_MODE": "true",
+            "BROKER_PUBLIC_URL": broker_url,
+            "BROKER_DATA_DIR": str(self.state_dir / "data"),
+            "BROKER_SCOPES_DIR": str(self.scopes_dir.resolve()),
+            "BROKER_ISSUERS": json.dumps(
+                [
+                    {
+                        "name": "dev",
+                        "issuer": issuer_url,
+                        "audiences": ["broker"],
+                        "preset": "dev",
+                        "algorithms": ["ES256"],
+                        "claims": {
+                            "subject": "sub",
+                            "display_name": "name",
+                            "groups": "groups",
+                            "roles": "broker_roles",
+                        },
+                    }
+                ]
+            ),
+            "BROKER_VAULT__ADDR": vault_addr,
+            "BROKER_VAULT__TOKEN": broker_token,
+            "BROKER_VAULT__TOKEN_ROLE": "broker-child",
+            "BROKER_AWS__ENDPOINT_URL": aws_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        if self.otlp_endpoint:
+            broker_env["BROKER_OTLP__ENDPOINT"] = self.otlp_endpoint
+        broker = self._python_child(
+            "broker",
+            ["serve", "--host", host, "--port", str(self.ports.broker), "--migrate"],
+            broker_env,
+        )
+        wait_http(f"{broker_url}/readyz", process=broker, timeout=60)
+
+        self.urls = {
+            "BROKER_URL": broker_url,
+            "VAULT_ADDR": vault_addr,
+            "AWS_ENDPOINT_URL": aws_endpoint,
+            "OIDC_ISSUER_URL": issuer_url,
+            "BROKER_DEV_STATE_DIR": str(self.state_dir.resolve()),
+            "VAULT_DEV_ROOT_TOKEN": root_token,
+        }
+        if self.env_file is not None:
+            self.write_env_file(self.env_file)
+        return self.urls
+
+    def write_env_file(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"{k}={v}" for k, v in self.urls.items()]
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(
+                "# written by `broker dev` once every part answered\n" + "\n".join(lines) + "\n"
+            )
+        tmp.replace(path)
+
+    def watch(self) -> str | None:
+        """The name of a child that died, if any."""
+        for proc in self.processes:
+            if not proc.alive():
+                return proc.name
+        return None
+
+    def down(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self.env_file is not None and self.env_file.exists():
+            self.env_file.unlink()
+
+
+def run_forever(stack: DevStack, poll: float = 0.5) -> str | None:
+    """Block until a child dies (returns its name) or the caller is interrupted."""
+    while True:
+        dead = stack.watch()
+        if dead:
+            return dead
+        time.sleep(poll)

@@ -1,0 +1,199 @@
+"""Conditions on token claims, compiled once and evaluated purely.
+
+A condition names a claim (a dotted path into the verified claims) and exactly one test:
+
+- ``equals``: the claim equals the string (or, for a list claim, one element does);
+- ``one_of``: the claim (or one element) is in the list;
+- ``glob``: shell-like, always matched against the whole value: ``*`` matches any run of
+  characters except ``/``, ``**`` matches any run including ``/``, ``?`` one character except
+  ``/``; every other character is literal (no classes, no braces);
+- ``regex``: a Python regular expression that must match the *whole* value (``re.fullmatch``);
+- ``cel``: a CEL expression (cel-python) over ``claims`` that must evaluate to ``true``; it takes
+  no ``claim``.
+
+A :class:`ConditionSet` holds ``all`` (every one must hold) and ``any`` (at least one must hold).
+An empty set is a configuration error, never a silent pass: to admit every authenticated caller,
+say so with ``cel: "true"``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import celpy
+from celpy.adapter import json_to_cel
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of evaluating a condition: a value carrying its reason."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def claim_value(claims: Mapping[str, Any], path: str) -> Any:
+    """Follow a dotted path through nested mappings; ``_MISSING`` when any step is absent."""
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Translate the documented glob dialect into an anchored regular expression."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "".join(out)
+
+
+def _strings(value: Any) -> list[str]:
+    """The scalar strings a claim offers for matching (a list claim offers each element)."""
+    items = value if isinstance(value, list) else [value]
+    return [
+        str(v).lower() if isinstance(v, bool) else str(v)
+        for v in items
+        if v is not None and not isinstance(v, (dict, list))
+    ]
+
+
+class Condition(BaseModel):
+    """One test on one claim (or one CEL expression)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    claim: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*$")
+    equals: str | None = None
+    one_of: list[str] | None = Field(default=None, min_length=1)
+    glob: str | None = None
+    regex: str | None = None
+    cel: str | None = None
+
+    _test: Callable[[Mapping[str, Any]], bool] = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _compile(self) -> Condition:
+        tests = {
+            k: v
+            for k, v in (
+                ("equals", self.equals),
+                ("one_of", self.one_of),
+                ("glob", self.glob),
+                ("regex", self.regex),
+                ("cel", self.cel),
+            )
+            if v is not None
+        }
+        if len(tests) != 1:
+            raise ValueError("a condition needs exactly one of equals, one_of, glob, regex, cel")
+        kind = next(iter(tests))
+        if kind == "cel":
+            if self.claim is not None:
+                raise ValueError(
+                    "a cel condition takes no 'claim'; use claims.NAME in the expression"
+                )
+            self._test = _compile_cel(str(self.cel))
+            return self
+        if self.claim is None:
+            raise ValueError(f"a {kind} condition needs 'claim'")
+        path = self.claim
+        if kind == "equals":
+            expected = str(self.equals)
+            self._test = lambda c: any(s == expected for s in _strings(claim_value(c, path)))
+        elif kind == "one_of":
+            allowed = frozenset(self.one_of or ())
+            self._test = lambda c: any(s in allowed for s in _strings(claim_value(c, path)))
+        else:
+            source = glob_to_regex(str(self.glob)) if kind == "glob" else str(self.regex)
+            try:
+                compiled = re.compile(source, re.DOTALL)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+            self._test = lambda c: any(
+                compiled.fullmatch(s) for s in _strings(claim_value(c, path))
+            )
+        return self
+
+    def evaluate(self, claims: Mapping[str, Any]) -> Verdict:
+        try:
+            ok = self._test(claims)
+        except Exception:  # a CEL runtime error (missing claim, wrong type) is a non-match
+            ok = False
+        return Verdict(ok, "" if ok else f"claim condition not met: {self.describe()}")
+
+    def describe(self) -> str:
+        if self.cel is not None:
+            return f"cel({self.cel})"
+        kind, value = next(
+            (k, v)
+            for k, v in (
+                ("equals", self.equals),
+                ("one_of", self.one_of),
+                ("glob", self.glob),
+                ("regex", self.regex),
+            )
+            if v is not None
+        )
+        return f"{self.claim} {kind} {value!r}"
+
+
+def _compile_cel(expression: str) -> Callable[[Mapping[str, Any]], bool]:
+    env = celpy.Environment()
+    try:
+        program = env.program(env.compile(expression))
+    except Exception as exc:
+        raise ValueError(f"invalid CEL expression: {str(exc).splitlines()[0]}") from None
+
+    def test(claims: Mapping[str, Any]) -> bool:
+        result = program.evaluate({"claims": json_to_cel(dict(claims))})
+        return isinstance(result, celpy.celtypes.BoolType) and bool(result)
+
+    return test
+
+
+class ConditionSet(BaseModel):
+    """``all`` must all hold and, when given, at least one of ``any``. Never empty."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    all: list[Condition] = Field(default_factory=list)
+    any: list[Condition] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ConditionSet:
+        if not self.all and not self.any:
+            raise ValueError("a condition set needs at least one condition in 'all' or 'any'")
+        return self
+
+    def evaluate(self, claims: Mapping[str, Any]) -> Verdict:
+        for cond in self.all:
+            verdict = cond.evaluate(claims)
+            if not verdict:
+                return verdict
+        if self.any and not any(c.evaluate(claims) for c in self.any):
+            return Verdict(False, "none of the 'any' conditions was met")
+        return Verdict(True, "all conditions met")

@@ -1,0 +1,1 @@
+"""Scope template files: loading, linting, schema and parameter rendering."""

@@ -1,0 +1,1 @@
+"""Use cases: authenticate, request a task, decide, mint, revoke, reap."""

@@ -1,0 +1,230 @@
+"""The broker's one typed settings object.
+
+Values come from ``BROKER_*`` environment variables (nested with ``__``, for example
+``BROKER_VAULT__ADDR``) and an optional YAML file named by ``BROKER_CONFIG``; the environment wins.
+Outside dev mode, :meth:`Settings.check_production` refuses insecure combinations.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from broker.errors import ConfigurationError
+
+Role = Literal["agent", "approver", "auditor", "admin"]
+
+#: Algorithms the broker will ever accept on an ID token: asymmetric only.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` points at this machine (127.0.0.0/8, ::1 or ``localhost``)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ClaimMapping(BaseModel):
+    """Which claims of a verified token make up the principal."""
+
+    model_config = {"extra": "forbid"}
+
+    subject: str = "sub"
+    display_name: str | None = "name"
+    groups: str | None = "groups"
+    roles: str | None = None
+
+
+class IssuerConfig(BaseModel):
+    """A trusted OIDC issuer. Identity is always the pair (issuer, subject)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    issuer: str = Field(min_length=1, max_length=2048)
+    audiences: list[str] = Field(min_length=1)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"], min_length=1)
+    jwks_uri: str | None = None
+    preset: Literal["generic", "github-actions", "gitlab-ci", "kubernetes", "dev"] = "generic"
+    required_claims: list[str] = Field(default_factory=list)
+    max_token_age: int | None = Field(default=None, gt=0)
+    leeway: int = Field(default=30, ge=0, le=60)
+    claims: ClaimMapping = Field(default_factory=ClaimMapping)
+    #: Roles granted to every principal of this issuer, in addition to claim-derived roles.
+    roles: list[Role] = Field(default_factory=lambda: list[Role](["agent"]))
+    #: Trust conditions on claims; see docs/authentication.md.
+    trust: dict[str, Any] = Field(default_factory=dict)
+    trust_mode: Literal["enforce", "audit"] = "enforce"
+    require_jti: bool = False
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algorithms: list[str]) -> list[str]:
+        bad = [a for a in algorithms if a not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(
+                f"algorithms {bad} are not allowed: only asymmetric algorithms "
+                f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))}) may verify ID tokens"
+            )
+        return algorithms
+
+
+class VaultSettings(BaseModel):
+    """How the broker reaches OpenBao/Vault and authenticates itself."""
+
+    model_config = {"extra": "forbid"}
+
+    addr: str = "http://127.0.0.1:8200"
+    token: SecretStr | None = None
+    #: Token role used to create child tokens; it bounds which policies the broker can grant.
+    token_role: str | None = None
+    namespace: str | None = None
+    timeout: float = Field(default=5.0, gt=0)
+    verify_tls: bool = True
+
+
+class AwsSettings(BaseModel):
+    """How the broker reaches AWS STS (credentials come from the standard chain)."""
+
+    model_config = {"extra": "forbid"}
+
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    timeout: float = Field(default=5.0, gt=0)
+
+
+class OtlpSettings(BaseModel):
+    """Where audit spans are exported."""
+
+    model_config = {"extra": "forbid"}
+
+    endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    timeout: float = Field(default=5.0, gt=0)
+    batch_size: int = Field(default=512, gt=0, le=10_000)
+    interval: float = Field(default=0.5, gt=0)
+    max_backoff: float = Field(default=30.0, gt=0)
+    service_name: str = "broker"
+
+
+class Settings(BaseSettings):
+    """Everything the broker can be told. Build it once and pass it to ``create_app``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        yaml_file=None,
+    )
+
+    dev_mode: bool = False
+    public_url: str = "http://127.0.0.1:8080"
+    data_dir: Path = Path(".broker")
+    database_url: str | None = None
+    scopes_dir: Path = Path("scopes")
+    signing_key_file: Path | None = None
+
+    issuers: list[IssuerConfig] = Field(default_factory=list)
+    session_max_ttl: int = Field(default=3600, gt=0, le=86_400)
+    credential_max_ttl: int = Field(default=12 * 3600, ge=60, le=7 * 86_400)
+
+    vault: VaultSettings | None = None
+    aws: AwsSettings | None = None
+    otlp: OtlpSettings = Field(default_factory=OtlpSettings)
+
+    reaper_interval: float = Field(default=5.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        import os
+
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("BROKER_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigurationError(f"BROKER_CONFIG names {config_file!r}, which is no file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @field_validator("issuers")
+    @classmethod
+    def _unique_issuers(cls, issuers: list[IssuerConfig]) -> list[IssuerConfig]:
+        names = [i.name for i in issuers]
+        urls = [i.issuer for i in issuers]
+        if len(set(names)) != len(names) or len(set(urls)) != len(urls):
+            raise ValueError("issuer names and issuer URLs must each be unique")
+        return issuers
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        if not self.dev_mode:
+            self.check_production()
+        return self
+
+    def check_production(self) -> None:
+        """Refuse what is only acceptable on a developer's machine."""
+        problems: list[str] = []
+        for iss in self.issuers:
+            if iss.preset == "dev":
+                problems.append(f"issuer {iss.name!r} is the development issuer")
+            if urlsplit(iss.issuer).scheme != "https":
+                problems.append(f"issuer {iss.name!r} ({iss.issuer}) does not use https")
+            if iss.jwks_uri and urlsplit(iss.jwks_uri).scheme != "https":
+                problems.append(f"issuer {iss.name!r} has a jwks_uri without https")
+        if self.signing_key_file is None:
+            problems.append("no signing_key_file (BROKER_SIGNING_KEY_FILE) is set")
+        if problems:
+            raise ValueError(
+                "refusing insecure configuration outside dev mode: "
+                + "; ".join(problems)
+                + " (set BROKER_DEV_MODE=true only on a developer machine)"
+            )
+
+    @property
+    def effective_database_url(self) -> str:
+        """The store URL; SQLite under ``data_dir`` unless ``database_url`` is set."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def effective_signing_key_file(self) -> Path:
+        return self.signing_key_file or self.data_dir / "signing-key.pem"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment and config file, as a clear error when invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigurationError("invalid settings:\n" + "\n".join(lines)) from None

@@ -1,0 +1,192 @@
+"""Tables. Times are UNIX epoch seconds (float) so both SQLite and PostgreSQL compare them alike.
+
+No secret is ever stored: session tokens are kept as SHA-256 hashes, credentials by their external
+handle (Vault accessor or lease id, STS access key id, JWT id).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("issuer", String(2048), nullable=False),
+    Column("subject", String(1024), nullable=False),
+    Column("display_name", String(512)),
+    Column("claims", JSON, nullable=False),
+    Column("roles", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("trace_id", String(32), nullable=False),
+    Column("span_id", String(16), nullable=False),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("session_id", String(40), ForeignKey("sessions.id"), nullable=False),
+    Column("issuer", String(2048), nullable=False),
+    Column("subject", String(1024), nullable=False),
+    Column("scope", String(128), nullable=False),
+    Column("template_hash", String(64), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("purpose", Text, nullable=False),
+    Column("ttl", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text),
+    Column("decided_by_rule", String(256)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("decided_at", Float),
+    Column("request_expires_at", Float),
+    Column("approval_expires_at", Float),
+    Column("ends_at", Float),
+    Column("idempotency_key", String(256)),
+    Column("request_hash", String(64)),
+    Column("trace_id", String(32), nullable=False),
+    Column("span_id", String(16), nullable=False),
+    Column("parent_span_id", String(16)),
+    Column("conversation_id", String(256)),
+    Column("mints", Integer, nullable=False, default=0),
+    UniqueConstraint("issuer", "subject", "idempotency_key", name="uq_tasks_idempotency"),
+)
+Index("ix_tasks_principal", tasks.c.issuer, tasks.c.subject, tasks.c.state)
+Index("ix_tasks_state", tasks.c.state)
+Index("ix_tasks_session", tasks.c.session_id)
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("task_id", String(40), ForeignKey("tasks.id"), nullable=False),
+    Column("issuer", String(2048), nullable=False),
+    Column("subject", String(1024), nullable=False),
+    Column("display_name", String(512)),
+    Column("decision", String(16), nullable=False),
+    Column("reason", Text),
+    Column("template_hash", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("task_id", "issuer", "subject", name="uq_approvals_decider"),
+)
+
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("task_id", String(40), ForeignKey("tasks.id"), nullable=False),
+    Column("backend", String(64), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("handle", String(512)),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("issued_at", Float),
+    Column("expires_at", Float),
+    Column("revoked_at", Float),
+    Column("revoke_attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float),
+    Column("last_error", Text),
+    Column("details", JSON, nullable=False),
+    Column("idempotency_key", String(256)),
+    UniqueConstraint("task_id", "idempotency_key", name="uq_credentials_idempotency"),
+)
+Index("ix_credentials_task", credentials.c.task_id)
+Index("ix_credentials_state", credentials.c.state)
+Index("ix_credentials_handle", credentials.c.handle)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column(
+        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("name", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("time", Float, nullable=False),
+    Column("end_time", Float, nullable=False),
+    Column("session_id", String(40)),
+    Column("task_id", String(40)),
+    Column("credential_id", String(40)),
+    Column("actor_issuer", String(2048)),
+    Column("actor_subject", String(1024)),
+    Column("trace_id", String(32), nullable=False),
+    Column("span_id", String(16), nullable=False),
+    Column("parent_span_id", String(16)),
+    Column("links", JSON, nullable=False),
+    Column("attributes", JSON, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("exported", Boolean, nullable=False, default=False),
+    Column("exported_at", Float),
+)
+Index("ix_audit_events_task", audit_events.c.task_id)
+Index("ix_audit_events_credential", audit_events.c.credential_id)
+Index("ix_audit_events_unexported", audit_events.c.exported, audit_events.c.seq)
+Index("ix_audit_events_time", audit_events.c.time)
+
+#: One row (id = 1): the head of the audit hash chain. Appenders lock it, which orders the chain
+#: across replicas.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+#: Signed checkpoints of the audit chain.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True),
+    Column("hash", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", Text, nullable=False),
+)
+
+#: One-time JWT ids (replay protection), kept until the token's exp plus leeway.
+seen_jtis = Table(
+    "seen_jtis",
+    metadata,
+    Column("issuer", String(2048), primary_key=True),
+    Column("jti", String(256), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+)
+
+#: Fixed-window counters for rate limits, shared by all replicas.
+rate_counters = Table(
+    "rate_counters",
+    metadata,
+    Column("key", String(512), primary_key=True),
+    Column("window_start", Float, primary_key=True),
+    Column("count", Integer, nullable=False),
+)
