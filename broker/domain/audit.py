@@ -1,8 +1,13 @@
-"""Audit events and their hash chain.
+"""Audit events, their attribute rules and their hash chain.
 
 Every state change writes one :class:`AuditEvent` in the same transaction. Each event's ``hash`` is
 SHA-256 over the previous event's hash and the event's canonical JSON, so editing, deleting,
-inserting or reordering any event breaks the chain from that point on.
+inserting or reordering any event breaks the chain from that point on; signed checkpoints
+(:func:`checkpoint_statement`) pin the chain so that it cannot be recomputed unnoticed.
+
+Attributes pass :func:`sanitize_attributes` before they are hashed and stored: only documented
+namespaces are kept (the allowlist) and every value is scrubbed of secrets
+(:mod:`broker.domain.scrub`). The conventions are documented in ``docs/audit.md``.
 """
 
 from __future__ import annotations
@@ -14,10 +19,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from broker.domain.scrub import scrub_text, scrub_value
+
 GENESIS_HASH = "0" * 64
+
+#: Version of the checkpoint statement format (part of what is signed).
+CHECKPOINT_VERSION = 1
 
 
 class EventName(StrEnum):
+    """Span names; each is documented in docs/audit.md."""
+
     SESSION_START = "broker.session.start"
     SESSION_END = "broker.session.end"
     AUTH_FAILURE = "broker.auth.failure"
@@ -29,7 +41,15 @@ class EventName(StrEnum):
     CREDENTIAL_ISSUE = "broker.credential.issue"
     CREDENTIAL_USE = "broker.credential.use"
     CREDENTIAL_REVOKE = "broker.credential.revoke"
+    CREDENTIAL_EXPIRE = "broker.credential.expire"
     REQUEST_DENIED = "broker.request.denied"
+    #: A use record (OpenBao, CloudTrail, introspection) that claims to concern a broker
+    #: credential but matches none: reported, never dropped.
+    USE_UNMATCHED = "broker.use.unmatched"
+    #: A signed checkpoint of the audit chain.
+    AUDIT_CHECKPOINT = "broker.audit.checkpoint"
+    #: An auditor read the audit log through the API.
+    AUDIT_ACCESS = "broker.audit.access"
 
 
 class Outcome(StrEnum):
@@ -37,6 +57,68 @@ class Outcome(StrEnum):
     FAILURE = "failure"
     DENIED = "denied"
     PENDING = "pending"
+
+
+class UseSource(StrEnum):
+    """Where a record of a credential's use came from (``broker.use.source``)."""
+
+    OPENBAO = "openbao"
+    CLOUDTRAIL = "cloudtrail"
+    INTROSPECTION = "introspection"
+
+
+# --- attribute allowlist ----------------------------------------------------------------------
+
+#: Attribute namespaces an audit event may carry. Everything else is dropped (and the dropped
+#: names listed under ``broker.attributes.dropped``) so that nothing unplanned is recorded.
+ALLOWED_PREFIXES = (
+    "broker.",
+    "vault.",
+    "aws.",
+)
+#: Single attributes outside those namespaces (OpenTelemetry semantic conventions).
+ALLOWED_KEYS = frozenset(
+    {
+        "gen_ai.conversation.id",
+        "client.address",
+        "client.port",
+        "server.address",
+        "user_agent.original",
+        "error.type",
+        "http.response.status_code",
+        "cloud.region",
+        "cloud.account.id",
+    }
+)
+DROPPED_KEY = "broker.attributes.dropped"
+
+
+def attribute_allowed(key: str) -> bool:
+    """Whether ``key`` belongs to a documented attribute namespace."""
+    return key in ALLOWED_KEYS or key.startswith(ALLOWED_PREFIXES)
+
+
+def sanitize_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The attributes that may be recorded: allowlisted keys, secrets scrubbed, sizes bounded.
+
+    Idempotent, so it can run again on export over what the store already holds.
+    """
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    for raw_key, value in attributes.items():
+        key = str(raw_key)
+        if value is None:
+            continue
+        if key == DROPPED_KEY:
+            dropped.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+            continue
+        if not attribute_allowed(key):
+            dropped.append(scrub_text(key, limit=128))
+            continue
+        out[key] = scrub_value(value, key=key)
+    if dropped:
+        out[DROPPED_KEY] = sorted(set(dropped))
+    return out
 
 
 def new_trace_id() -> str:
@@ -96,3 +178,47 @@ def canonical_json(value: Any) -> bytes:
 def chain_hash(prev_hash: str, body: dict[str, Any]) -> str:
     """Hash of one event, bound to its predecessor."""
     return hashlib.sha256(prev_hash.encode() + b"\n" + canonical_json(body)).hexdigest()
+
+
+#: The columns of a stored event that the hash covers (the body of :meth:`AuditEvent.body`).
+BODY_FIELDS = (
+    "id",
+    "name",
+    "outcome",
+    "time",
+    "end_time",
+    "session_id",
+    "task_id",
+    "credential_id",
+    "actor_issuer",
+    "actor_subject",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "links",
+    "attributes",
+)
+
+
+def body_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The hashed body of a stored (or exported) event row."""
+    return {name: row.get(name) for name in BODY_FIELDS}
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    """Recompute a stored row's hash from its predecessor's hash and its own content."""
+    return chain_hash(str(row["prev_hash"]), body_of(row))
+
+
+def checkpoint_statement(seq: int, head_hash: str, created_at: float, key_id: str) -> bytes:
+    """The exact bytes a checkpoint signature covers."""
+    return canonical_json(
+        {
+            "v": CHECKPOINT_VERSION,
+            "kind": "broker.audit.checkpoint",
+            "seq": int(seq),
+            "hash": head_hash,
+            "created_at": created_at,
+            "key_id": key_id,
+        }
+    )

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from broker.domain.audit import AuditEvent, chain_hash
+from broker.domain.audit import AuditEvent, chain_hash, sanitize_attributes
 from broker.domain.principal import Principal
 from broker.domain.records import Approval, Credential, Session, Task
 from broker.domain.task import CredentialState, TaskState
@@ -302,9 +302,11 @@ def _json_safe(value: Any) -> Any:
 def append_audit(conn: Connection, event: AuditEvent) -> str:
     """Append ``event`` to the hash chain inside the caller's transaction; returns its hash.
 
-    The head row is locked (``FOR UPDATE``), so appends from several replicas are ordered.
+    Attributes are sanitized (allowlist, secret scrubbing) before they are hashed and stored. The
+    head row is locked (``FOR UPDATE``), so appends from several replicas are ordered and the
+    sequence numbers follow the chain.
     """
-    event.attributes = _json_safe(event.attributes)
+    event.attributes = _json_safe(sanitize_attributes(event.attributes))
     event.links = _json_safe(event.links)
     if event.end_time is None:
         event.end_time = event.time
@@ -319,6 +321,20 @@ def append_audit(conn: Connection, event: AuditEvent) -> str:
     return digest
 
 
+def audit_head(conn: Connection, *, for_update: bool = False) -> tuple[int, str]:
+    """The chain's head: (sequence number of the last event, its hash)."""
+    query = select(t.audit_head.c.seq, t.audit_head.c.hash).where(t.audit_head.c.id == 1)
+    if for_update:
+        query = query.with_for_update()
+    row = conn.execute(query).one()
+    return int(row.seq), str(row.hash)
+
+
+def set_audit_head(conn: Connection, seq: int, head_hash: str) -> None:
+    """Move the head (only the tests that tamper with the chain need this)."""
+    conn.execute(update(t.audit_head).where(t.audit_head.c.id == 1).values(seq=seq, hash=head_hash))
+
+
 def audit_events(
     conn: Connection,
     *,
@@ -326,33 +342,88 @@ def audit_events(
     credential_id: str | None = None,
     session_id: str | None = None,
     actor: tuple[str, str] | None = None,
+    subject: str | None = None,
+    issuer: str | None = None,
+    scope: str | None = None,
     name: str | None = None,
+    names: Sequence[str] | None = None,
+    outcome: str | None = None,
+    trace_id: str | None = None,
     since: float | None = None,
     until: float | None = None,
     after_seq: int = 0,
+    before_seq: int | None = None,
     limit: int = 100,
+    newest_first: bool = False,
 ) -> list[dict[str, Any]]:
+    """Events matching every given filter, in chain order (or newest first), at most ``limit``.
+
+    Paginate with ``after_seq`` (oldest first) or ``before_seq`` (newest first).
+    """
     e = t.audit_events
-    conds: list[Any] = [e.c.seq > after_seq]
-    if task_id is not None:
-        conds.append(e.c.task_id == task_id)
-    if credential_id is not None:
-        conds.append(e.c.credential_id == credential_id)
-    if session_id is not None:
-        conds.append(e.c.session_id == session_id)
+    equal = {
+        e.c.task_id: task_id,
+        e.c.credential_id: credential_id,
+        e.c.session_id: session_id,
+        e.c.actor_subject: subject,
+        e.c.actor_issuer: issuer,
+        e.c.name: name,
+        e.c.outcome: outcome,
+        e.c.trace_id: trace_id,
+    }
+    conds: list[Any] = [column == value for column, value in equal.items() if value is not None]
+    conds.append(e.c.seq > after_seq)
+    if before_seq is not None:
+        conds.append(e.c.seq < before_seq)
     if actor is not None:
         conds.append(and_(e.c.actor_issuer == actor[0], e.c.actor_subject == actor[1]))
-    if name is not None:
-        conds.append(e.c.name == name)
+    if scope is not None:
+        conds.append(e.c.task_id.in_(select(t.tasks.c.id).where(t.tasks.c.scope == scope)))
+    if names is not None:
+        conds.append(e.c.name.in_(list(names)))
     if since is not None:
         conds.append(e.c.time >= since)
     if until is not None:
         conds.append(e.c.time < until)
-    rows = conn.execute(select(e).where(*conds).order_by(e.c.seq).limit(limit)).mappings()
+    order = e.c.seq.desc() if newest_first else e.c.seq
+    rows = conn.execute(select(e).where(*conds).order_by(order).limit(limit)).mappings()
     return [dict(r) for r in rows]
 
 
+def audit_seqs_with_hash(conn: Connection, digest: str, limit: int = 5) -> list[int]:
+    """Sequence numbers of the events whose hash is ``digest`` (verification's detective work)."""
+    e = t.audit_events
+    rows = conn.execute(select(e.c.seq).where(e.c.hash == digest).order_by(e.c.seq).limit(limit))
+    return [int(r.seq) for r in rows]
+
+
+def audit_event_at(conn: Connection, seq: int) -> dict[str, Any] | None:
+    row = conn.execute(select(t.audit_events).where(t.audit_events.c.seq == seq)).mappings().first()
+    return dict(row) if row else None
+
+
+def count_audit_events(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(t.audit_events)).scalar_one())
+
+
+def issuance_span(conn: Connection, credential_id: str) -> tuple[str, str] | None:
+    """(trace id, span id) of a credential's successful issuance event, the parent of its uses."""
+    e = t.audit_events
+    row = conn.execute(
+        select(e.c.trace_id, e.c.span_id)
+        .where(
+            e.c.credential_id == credential_id,
+            e.c.name == "broker.credential.issue",
+            e.c.outcome == "success",
+        )
+        .order_by(e.c.seq)
+        .limit(1)
+    ).first()
+    return (str(row.trace_id), str(row.span_id)) if row else None
+
+
 def unexported_events(conn: Connection, limit: int, *, skip_locked: bool) -> list[dict[str, Any]]:
+    """The oldest events not yet exported; on PostgreSQL rows another replica holds are skipped."""
     e = t.audit_events
     query = select(e).where(e.c.exported.is_(False)).order_by(e.c.seq).limit(limit)
     if skip_locked:
@@ -360,13 +431,17 @@ def unexported_events(conn: Connection, limit: int, *, skip_locked: bool) -> lis
     return [dict(r) for r in conn.execute(query).mappings()]
 
 
-def mark_exported(conn: Connection, seqs: Sequence[int], now: float) -> None:
-    if seqs:
-        conn.execute(
-            update(t.audit_events)
-            .where(t.audit_events.c.seq.in_(list(seqs)))
-            .values(exported=True, exported_at=now)
-        )
+def mark_exported(conn: Connection, seqs: Sequence[int], now: float) -> int:
+    """Mark events exported; returns how many were still unexported (0 means another did it)."""
+    if not seqs:
+        return 0
+    e = t.audit_events
+    result = conn.execute(
+        update(e)
+        .where(e.c.seq.in_(list(seqs)), e.c.exported.is_(False))
+        .values(exported=True, exported_at=now)
+    )
+    return int(result.rowcount)
 
 
 def count_unexported(conn: Connection) -> int:
@@ -377,6 +452,113 @@ def count_unexported(conn: Connection) -> int:
             .where(t.audit_events.c.exported.is_(False))
         ).scalar_one()
     )
+
+
+def oldest_unexported_time(conn: Connection) -> float | None:
+    e = t.audit_events
+    value = conn.execute(select(func.min(e.c.time)).where(e.c.exported.is_(False))).scalar()
+    return float(value) if value is not None else None
+
+
+# --- audit checkpoints ----------------------------------------------------------------------
+
+
+def insert_checkpoint(
+    conn: Connection, seq: int, head_hash: str, created_at: float, key_id: str, signature: str
+) -> None:
+    conn.execute(
+        insert(t.audit_checkpoints).values(
+            seq=seq, hash=head_hash, created_at=created_at, key_id=key_id, signature=signature
+        )
+    )
+
+
+def latest_checkpoint(conn: Connection) -> dict[str, Any] | None:
+    c = t.audit_checkpoints
+    row = conn.execute(select(c).order_by(c.c.seq.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
+
+
+def audit_checkpoints(
+    conn: Connection, *, after_seq: int = -1, limit: int = 1000
+) -> list[dict[str, Any]]:
+    c = t.audit_checkpoints
+    rows = conn.execute(
+        select(c).where(c.c.seq > after_seq).order_by(c.c.seq).limit(limit)
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+def count_events_after(conn: Connection, seq: int, *, except_name: str | None = None) -> int:
+    """How many events follow ``seq`` (optionally not counting one event name)."""
+    e = t.audit_events
+    query = select(func.count()).select_from(e).where(e.c.seq > seq)
+    if except_name is not None:
+        query = query.where(e.c.name != except_name)
+    return int(conn.execute(query).scalar_one())
+
+
+# --- audit use ingestion --------------------------------------------------------------------
+
+
+def remember_ingested(conn: Connection, source: str, record_id: str, now: float) -> bool:
+    """Record that a use record was ingested; False when it already was (a duplicate)."""
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(t.audit_ingested).values(source=source, record_id=record_id, seen_at=now)
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+def forget_ingested_before(conn: Connection, before: float) -> int:
+    """Drop dedup entries older than ``before`` (sources never replay that far back)."""
+    result = conn.execute(delete(t.audit_ingested).where(t.audit_ingested.c.seen_at < before))
+    return int(result.rowcount)
+
+
+def ingest_cursor(
+    conn: Connection, source: str, *, for_update: bool = False
+) -> dict[str, Any] | None:
+    c = t.audit_ingest_cursors
+    query = select(c.c.position).where(c.c.source == source)
+    if for_update:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    return dict(row.position) if row else None
+
+
+def set_ingest_cursor(conn: Connection, source: str, position: dict[str, Any], now: float) -> None:
+    c = t.audit_ingest_cursors
+    done = conn.execute(
+        update(c).where(c.c.source == source).values(position=position, updated_at=now)
+    ).rowcount
+    if not done:
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(c).values(source=source, position=position, updated_at=now))
+        except IntegrityError:
+            conn.execute(
+                update(c).where(c.c.source == source).values(position=position, updated_at=now)
+            )
+
+
+def credential_by_detail(conn: Connection, backend: str, key: str, value: str) -> Credential | None:
+    """The newest credential of ``backend`` whose ``details[key]`` equals ``value``."""
+    c = t.credentials
+    row = (
+        conn.execute(
+            select(c)
+            .where(c.c.backend == backend, c.c.details[key].as_string() == value)
+            .order_by(c.c.created_at.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
+    return _credential(row) if row else None
 
 
 # --- one-time JWT ids -----------------------------------------------------------------------

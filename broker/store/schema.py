@@ -173,6 +173,27 @@ audit_checkpoints = Table(
     Column("signature", Text, nullable=False),
 )
 
+#: Use records (OpenBao audit entries, CloudTrail events, introspections) already turned into an
+#: event: the same record arriving again (socket and file device, two replicas, a restart) is a no-op.
+audit_ingested = Table(
+    "audit_ingested",
+    metadata,
+    Column("source", String(32), primary_key=True),
+    Column("record_id", String(256), primary_key=True),
+    Column("seen_at", Float, nullable=False),
+)
+Index("ix_audit_ingested_seen_at", audit_ingested.c.seen_at)
+
+#: How far each ingest source has been read (a file device's inode and offset, an S3 prefix's
+#: last key), so a restarted broker resumes where it stopped.
+audit_ingest_cursors = Table(
+    "audit_ingest_cursors",
+    metadata,
+    Column("source", String(512), primary_key=True),
+    Column("position", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 #: One-time JWT ids (replay protection), kept until the token's exp plus leeway.
 seen_jtis = Table(
     "seen_jtis",
