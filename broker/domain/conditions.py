@@ -9,11 +9,12 @@ A condition names a claim (a dotted path into the verified claims) and exactly o
   ``/``; every other character is literal (no classes, no braces);
 - ``regex``: a Python regular expression that must match the *whole* value (``re.fullmatch``);
 - ``cel``: a CEL expression (cel-python) over ``claims`` that must evaluate to ``true``; it takes
-  no ``claim``.
+  no ``claim``. In an approver rule, ``requester`` holds the requester's claims, so
+  ``claims.team == requester.team`` keeps approvals inside a team.
 
-A :class:`ConditionSet` holds ``all`` (every one must hold) and ``any`` (at least one must hold).
-An empty set is a configuration error, never a silent pass: to admit every authenticated caller,
-say so with ``cel: "true"``.
+A :class:`ConditionSet` holds ``all`` (every one must hold), ``any`` (at least one must hold) and
+``none`` (none may hold). An empty set is a configuration error, never a silent pass: to admit
+every authenticated caller, say so with ``cel: "true"``.
 """
 
 from __future__ import annotations
@@ -42,12 +43,26 @@ class Verdict:
 
 
 def claim_value(claims: Mapping[str, Any], path: str) -> Any:
-    """Follow a dotted path through nested mappings; ``_MISSING`` when any step is absent."""
+    """Follow a dotted path through nested mappings; ``_MISSING`` when any step is absent.
+
+    A claim whose own name contains dots (Kubernetes puts its claims under ``kubernetes.io``) is
+    found too: at each step the longest key that the rest of the path starts with wins, so
+    ``kubernetes.io.namespace`` reads ``claims["kubernetes.io"]["namespace"]``.
+    """
     value: Any = claims
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or part not in value:
+    parts = path.split(".")
+    i = 0
+    while i < len(parts):
+        if not isinstance(value, Mapping):
             return _MISSING
-        value = value[part]
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if key in value:
+                value = value[key]
+                i = j
+                break
+        else:
+            return _MISSING
     return value
 
 
@@ -93,7 +108,7 @@ class Condition(BaseModel):
     regex: str | None = None
     cel: str | None = None
 
-    _test: Callable[[Mapping[str, Any]], bool] = PrivateAttr()
+    _test: Callable[[Mapping[str, Any], Mapping[str, Any]], bool] = PrivateAttr()
 
     @model_validator(mode="after")
     def _compile(self) -> Condition:
@@ -123,29 +138,33 @@ class Condition(BaseModel):
         path = self.claim
         if kind == "equals":
             expected = str(self.equals)
-            self._test = lambda c: any(s == expected for s in _strings(claim_value(c, path)))
+            self._test = lambda c, _: any(s == expected for s in _strings(claim_value(c, path)))
         elif kind == "one_of":
             allowed = frozenset(self.one_of or ())
-            self._test = lambda c: any(s in allowed for s in _strings(claim_value(c, path)))
+            self._test = lambda c, _: any(s in allowed for s in _strings(claim_value(c, path)))
         else:
             source = glob_to_regex(str(self.glob)) if kind == "glob" else str(self.regex)
             try:
                 compiled = re.compile(source, re.DOTALL)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression: {exc}") from None
-            self._test = lambda c: any(
+            self._test = lambda c, _: any(
                 compiled.fullmatch(s) for s in _strings(claim_value(c, path))
             )
         return self
 
-    def evaluate(self, claims: Mapping[str, Any]) -> Verdict:
+    def evaluate(
+        self, claims: Mapping[str, Any], requester: Mapping[str, Any] | None = None
+    ) -> Verdict:
+        """Test the claims; ``requester`` (the requester's claims) is visible to CEL only."""
         try:
-            ok = self._test(claims)
+            ok = self._test(claims, requester or {})
         except Exception:  # a CEL runtime error (missing claim, wrong type) is a non-match
             ok = False
         return Verdict(ok, "" if ok else f"claim condition not met: {self.describe()}")
 
     def describe(self) -> str:
+        """A short human description, e.g. ``groups one_of ['dba']``."""
         if self.cel is not None:
             return f"cel({self.cel})"
         kind, value = next(
@@ -161,27 +180,33 @@ class Condition(BaseModel):
         return f"{self.claim} {kind} {value!r}"
 
 
-def _compile_cel(expression: str) -> Callable[[Mapping[str, Any]], bool]:
+def _compile_cel(expression: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]], bool]:
     env = celpy.Environment()
     try:
         program = env.program(env.compile(expression))
     except Exception as exc:
         raise ValueError(f"invalid CEL expression: {str(exc).splitlines()[0]}") from None
 
-    def test(claims: Mapping[str, Any]) -> bool:
-        result = program.evaluate({"claims": json_to_cel(dict(claims))})
+    def test(claims: Mapping[str, Any], requester: Mapping[str, Any]) -> bool:
+        result = program.evaluate(
+            {"claims": json_to_cel(dict(claims)), "requester": json_to_cel(dict(requester))}
+        )
         return isinstance(result, celpy.celtypes.BoolType) and bool(result)
 
     return test
 
 
 class ConditionSet(BaseModel):
-    """``all`` must all hold and, when given, at least one of ``any``. Never empty."""
+    """``all`` must all hold, at least one of ``any`` when given, and none of ``none``.
+
+    Never empty, and never made of ``none`` alone (that would admit everyone not excluded).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     all: list[Condition] = Field(default_factory=list)
     any: list[Condition] = Field(default_factory=list)
+    none: list[Condition] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _not_empty(self) -> ConditionSet:
@@ -189,11 +214,25 @@ class ConditionSet(BaseModel):
             raise ValueError("a condition set needs at least one condition in 'all' or 'any'")
         return self
 
-    def evaluate(self, claims: Mapping[str, Any]) -> Verdict:
+    def evaluate(
+        self, claims: Mapping[str, Any], requester: Mapping[str, Any] | None = None
+    ) -> Verdict:
+        """The first failing condition's reason, or a pass."""
         for cond in self.all:
-            verdict = cond.evaluate(claims)
+            verdict = cond.evaluate(claims, requester)
             if not verdict:
                 return verdict
-        if self.any and not any(c.evaluate(claims) for c in self.any):
+        if self.any and not any(c.evaluate(claims, requester) for c in self.any):
             return Verdict(False, "none of the 'any' conditions was met")
+        for cond in self.none:
+            if cond.evaluate(claims, requester):
+                return Verdict(False, f"an excluding condition matched: {cond.describe()}")
         return Verdict(True, "all conditions met")
+
+    def describe(self) -> dict[str, list[str]]:
+        """The rule in words, for discovery (``GET /v1/scopes``) and approver listings."""
+        out: dict[str, list[str]] = {}
+        for key, conds in (("all", self.all), ("any", self.any), ("none", self.none)):
+            if conds:
+                out[key] = [c.describe() for c in conds]
+        return out

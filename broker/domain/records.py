@@ -50,6 +50,10 @@ class Task:
     parent_span_id: str | None = None
     conversation_id: str | None = None
     mints: int = 0
+    #: The binding hash (domain.task.binding_hash) the task's approval was decided on.
+    decision_hash: str | None = None
+    #: Distinct approvals the template asked for when the task was requested (0: automatic).
+    approvals_required: int = 0
 
     @property
     def requester(self) -> tuple[str, str]:
@@ -67,6 +71,8 @@ class Approval:
     created_at: float
     display_name: str | None = None
     reason: str | None = None
+    #: The task's binding hash this decision was made on; a changed task voids it.
+    binding_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

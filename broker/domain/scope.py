@@ -1,18 +1,101 @@
 """Scope templates: what an agent may ask for, as admins wrote it under ``scopes/``.
 
 These models are the single source of the published JSON Schema (``broker scopes schema``).
+
+Parameters reach a backend only through **placeholders** of the form ``{{params.NAME}}`` (spaces
+inside the braces allowed), and only in the fields that document it:
+
+- ``vault_token.policies[*]`` and ``vault_database.role``: a Vault name (``[A-Za-z0-9_.-]``);
+- string values inside ``aws_sts.session_policy`` (never keys, ``Effect``, ``Version`` or ``Sid``)
+  and ``aws_sts.tags`` values;
+- string values inside ``broker_jwt.claims``.
+
+Substitution happens in :mod:`broker.scopes.render` on the parsed data, never on serialised JSON,
+and the result must stay within the backend's declared ``maximum``.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from broker.domain.conditions import ConditionSet
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
+PARAM_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+#: ``{{params.NAME}}``; the only placeholder syntax. IAM's own ``${aws:...}`` policy variables and
+#: Vault's ``{{identity...}}`` templating are deliberately different, so neither can be confused
+#: with (or smuggled in as) a parameter.
+PLACEHOLDER = re.compile(r"\{\{\s*params\.([a-z][a-z0-9_]{0,63})\s*\}\}")
+
+#: STS rejects session policies above this many characters (before its own packed-size check).
+STS_POLICY_MAX_CHARS = 2048
+#: STS issues credentials for at least this long, whatever the caller asks.
+STS_MIN_DURATION = 900
+#: Claims a broker JWT template may not set: the broker owns them.
+RESERVED_JWT_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti"})
+
+
+def placeholders(text: str) -> list[str]:
+    """The parameter names a string refers to, in order."""
+    return PLACEHOLDER.findall(text)
+
+
+def has_stray_braces(text: str) -> bool:
+    """True when ``{{`` or ``}}`` remains after removing well-formed placeholders (a typo)."""
+    rest = PLACEHOLDER.sub("", text)
+    return "{{" in rest or "}}" in rest
+
+
+def walk_strings(
+    value: Any, path: tuple[str | int, ...] = ()
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every string *value* in a JSON-like structure, with its path (keys are not values)."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from walk_strings(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from walk_strings(v, (*path, i))
+
+
+def walk_keys(
+    value: Any, path: tuple[str | int, ...] = ()
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every mapping key in a JSON-like structure, with the path of its mapping."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield path, str(k)
+            yield from walk_keys(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from walk_keys(v, (*path, i))
+
+
+def glob_covers(maximum: str, value: str, *, ignore_case: bool = False) -> bool:
+    """True when every string ``value`` can denote is also denoted by ``maximum``.
+
+    Both are IAM-style globs (``*`` any run, ``?`` one character). A ``*`` in ``maximum`` absorbs
+    anything in ``value``, including its wildcards; a ``?`` in ``maximum`` absorbs one ordinary
+    character only, so ``value``'s ``*`` (which may stand for many) never slips through it.
+    """
+    parts: list[str] = []
+    for ch in maximum:
+        if ch == "*":
+            parts.append(".*")
+        elif ch == "?":
+            parts.append(r"[^*?]")
+        else:
+            parts.append(re.escape(ch))
+    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+    return re.fullmatch("".join(parts), value, flags) is not None
 
 
 class RiskTier(StrEnum):
@@ -29,7 +112,11 @@ class ParamType(StrEnum):
 
 
 class Parameter(BaseModel):
-    """A typed parameter the agent supplies with its request."""
+    """A typed parameter the agent supplies with its request.
+
+    Strings always refuse globs, quotes, commas, backslashes, ``..``, braces and control characters,
+    whatever ``pattern`` says; ``pattern`` must match the *whole* value.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,22 +124,87 @@ class Parameter(BaseModel):
     description: str = ""
     required: bool = True
     default: str | int | bool | None = None
-    pattern: str | None = None
-    enum: list[str | int] | None = None
+    pattern: str | None = Field(
+        default=None, description="A Python regular expression matched against the whole value."
+    )
+    enum: list[str | int] | None = Field(default=None, min_length=1)
     min_length: int | None = Field(default=None, ge=0)
     max_length: int = Field(default=256, ge=1, le=4096)
     minimum: int | None = None
     maximum: int | None = None
 
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return pattern
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Parameter:
+        if self.type is not ParamType.STRING and (
+            self.pattern is not None or self.min_length is not None
+        ):
+            raise ValueError("pattern and min_length apply to string parameters only")
+        if self.type is not ParamType.INTEGER and (
+            self.minimum is not None or self.maximum is not None
+        ):
+            raise ValueError("minimum and maximum apply to integer parameters only")
+        if self.type is ParamType.BOOLEAN and self.enum is not None:
+            raise ValueError("a boolean parameter takes no enum")
+        if self.min_length is not None and self.min_length > self.max_length:
+            raise ValueError("min_length must not exceed max_length")
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            raise ValueError("minimum must not exceed maximum")
+        if self.enum is not None:
+            want = str if self.type is ParamType.STRING else int
+            if any(isinstance(v, bool) or not isinstance(v, want) for v in self.enum):
+                raise ValueError(f"every enum value must be a {self.type.value}")
+        if self.default is not None:
+            ok = {
+                ParamType.STRING: isinstance(self.default, str),
+                ParamType.INTEGER: isinstance(self.default, int)
+                and not isinstance(self.default, bool),
+                ParamType.BOOLEAN: isinstance(self.default, bool),
+            }[self.type]
+            if not ok:
+                raise ValueError(f"default must be a {self.type.value}")
+        return self
+
+
+_VAULT_NAME = r"^(?:[A-Za-z0-9_.-]|\{\{\s*params\.[a-z][a-z0-9_]{0,63}\s*\}\}){1,256}$"
+
+
+class VaultTokenMaximum(BaseModel):
+    """The widest a rendered ``vault_token`` may be: each policy must match one of these globs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policies: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.*?-]{1,128}$")]] = Field(
+        min_length=1
+    )
+
 
 class VaultTokenBackend(BaseModel):
-    """An OpenBao/Vault child token carrying fixed policies."""
+    """An OpenBao/Vault child token carrying fixed (or parameterised) policies."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["vault_token"]
-    policies: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]] = Field(min_length=1)
+    policies: list[Annotated[str, Field(pattern=_VAULT_NAME)]] = Field(min_length=1)
     no_default_policy: bool = False
+    maximum: VaultTokenMaximum | None = None
+
+
+class VaultDatabaseMaximum(BaseModel):
+    """The widest a rendered ``vault_database`` may be: the role must match one of these globs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    roles: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_*?-]{1,128}$")]] = Field(min_length=1)
 
 
 class VaultDatabaseBackend(BaseModel):
@@ -62,7 +214,21 @@ class VaultDatabaseBackend(BaseModel):
 
     type: Literal["vault_database"]
     mount: str = Field(default="database", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    role: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    role: str = Field(pattern=_VAULT_NAME)
+    maximum: VaultDatabaseMaximum | None = None
+
+
+class AwsPolicyMaximum(BaseModel):
+    """The widest a rendered session policy may be.
+
+    Every ``Allow`` statement's actions must each be covered by one of ``actions`` (case-insensitive)
+    and its resources by one of ``resources``; both are IAM-style globs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actions: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1)
+    resources: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(min_length=1)
 
 
 class AwsStsBackend(BaseModel):
@@ -74,8 +240,11 @@ class AwsStsBackend(BaseModel):
     role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$")
     session_policy: dict[str, Any] | None = None
     external_id: str | None = Field(default=None, min_length=2, max_length=1224)
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[Annotated[str, Field(pattern=r"^[\w.:/=+@-]{1,128}$")], str] = Field(
+        default_factory=dict, max_length=50
+    )
     role_max_session: int = Field(default=3600, ge=900, le=43_200)
+    maximum: AwsPolicyMaximum | None = None
 
 
 class BrokerJwtBackend(BaseModel):
@@ -92,9 +261,12 @@ BackendSpec = Annotated[
     VaultTokenBackend | VaultDatabaseBackend | AwsStsBackend | BrokerJwtBackend,
     Field(discriminator="type"),
 ]
+AnyBackend = VaultTokenBackend | VaultDatabaseBackend | AwsStsBackend | BrokerJwtBackend
 
 
 class TtlRule(BaseModel):
+    """Credential lifetime in seconds: ``default`` when the agent names none, never above ``max``."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     default: int = Field(default=900, ge=60)
@@ -108,7 +280,12 @@ class TtlRule(BaseModel):
 
 
 class ApprovalRule(BaseModel):
-    """How a request is decided: automatically, or by ``count`` distinct approvers."""
+    """How a request is decided: automatically, or by ``count`` distinct approvers.
+
+    ``request_ttl``: how long a request may wait for its approvers. ``approval_ttl``: how long an
+    approval stays valid, both while further approvers are awaited and between the decision and
+    the mint. ``notify``: names of configured webhooks to tell (all of them when empty).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -117,33 +294,77 @@ class ApprovalRule(BaseModel):
     count: int = Field(default=1, ge=1, le=10)
     request_ttl: int = Field(default=3600, ge=60, le=7 * 86_400)
     approval_ttl: int = Field(default=900, ge=60, le=86_400)
+    notify: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]] = Field(
+        default_factory=list
+    )
 
     @model_validator(mode="after")
     def _manual_needs_approvers(self) -> ApprovalRule:
         if self.mode == "manual" and self.approvers is None:
             raise ValueError("a manual approval rule needs 'approvers' conditions")
+        if self.mode == "auto" and (self.approvers is not None or self.count != 1):
+            raise ValueError("an automatic approval rule takes no 'approvers' or 'count'")
         return self
+
+    @property
+    def required(self) -> int:
+        """Distinct approvals needed: none for automatic rules."""
+        return 0 if self.mode == "auto" else self.count
+
+
+class RateWindow(BaseModel):
+    """At most ``requests`` task requests per ``per`` seconds (a fixed window)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: int = Field(ge=1, le=1_000_000)
+    per: int = Field(ge=1, le=30 * 86_400)
+
+
+class Limits(BaseModel):
+    """Rate limits and quotas on requests for this scope.
+
+    ``principal``: windows counted per requesting principal; ``scope``: counted over everyone.
+    A long window (a day, a week) is a quota.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    principal: list[RateWindow] = Field(default_factory=list, max_length=5)
+    scope: list[RateWindow] = Field(default_factory=list, max_length=5)
 
 
 class ScopeTemplate(BaseModel):
     """One reviewed scope template file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        title="Scope template",
+        json_schema_extra={"$comment": "Generated by `broker scopes schema`; see docs/scopes.md."},
+    )
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, description="Must equal the file name without .yaml.")
     description: str = Field(min_length=1)
     owner: str = Field(min_length=1)
     backend: BackendSpec
-    parameters: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")], Parameter] = Field(
+    parameters: dict[Annotated[str, Field(pattern=PARAM_NAME_PATTERN)], Parameter] = Field(
         default_factory=dict
     )
-    requester: ConditionSet
+    requester: ConditionSet = Field(description="Conditions on the requester's verified claims.")
     ttl: TtlRule = Field(default_factory=TtlRule)
-    max_uses: int | None = Field(default=None, ge=1)
-    max_active_tasks: int = Field(default=5, ge=1, le=1000)
+    max_uses: int | None = Field(
+        default=None, ge=1, description="Uses of the credential; only backends that count uses."
+    )
+    max_active_tasks: int = Field(
+        default=5, ge=1, le=1000, description="Open tasks per principal for this scope."
+    )
     risk: RiskTier = RiskTier.LOW
     approval: ApprovalRule = Field(default_factory=ApprovalRule)
-    labels: dict[str, str] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    labels: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]{1,63}$")], str] = Field(
+        default_factory=dict
+    )
 
     @model_validator(mode="after")
     def _risk_needs_review(self) -> ScopeTemplate:

@@ -1,19 +1,32 @@
-"""The task state machine.
+"""The task state machine and the pure rules of deciding a task.
 
     pending ──approve──▶ approved ──mint──▶ active ──complete──▶ completed
        │                    │                 │
        ├──deny──▶ denied    ├──expire──▶ expired        ├──revoke──▶ revoked
-       ├──expire──▶ expired └──cancel──▶ cancelled      └──expire──▶ expired
-       └──cancel──▶ cancelled
+       ├──expire──▶ expired ├──void───▶ revoked         └──expire──▶ expired
+       └──cancel──▶ cancelled └──cancel──▶ cancelled
 
-A task's parameters, purpose and TTL are frozen at request time. Terminal states never change.
+A task's parameters, purpose and TTL are frozen at request time: the *binding hash* covers them,
+the requester and the template version, and every decision (an automatic one, each approver's)
+records the binding hash it was made on. An approval is void when the hash no longer matches.
+Terminal states never change.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
+from broker.domain.audit import canonical_json
 from broker.errors import Conflict
+
+if TYPE_CHECKING:
+    from broker.domain.principal import Principal
+    from broker.domain.records import Approval, Task
+    from broker.domain.scope import ScopeTemplate
 
 
 class TaskState(StrEnum):
@@ -86,3 +99,138 @@ class CredentialState(StrEnum):
     REVOKED = "revoked"
     EXPIRED = "expired"
     FAILED = "failed"  # the backend refused; nothing exists
+
+
+# --- deciding ------------------------------------------------------------------------------
+
+
+def condition_claims(principal: Principal) -> dict[str, Any]:
+    """The claims conditions see: the verified claims, with the mapped groups as ``groups``.
+
+    The store keeps a principal's groups apart from its other claims, so a principal read back
+    from a session would otherwise lose the ``groups`` claim a template's conditions name.
+    """
+    claims = dict(principal.claims)
+    claims.setdefault("groups", list(principal.groups))
+    return claims
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a new request becomes: its state, the rule that decided it and, for a denial, why."""
+
+    state: TaskState
+    rule: str
+    reason: str | None = None
+
+
+def decide_request(template: ScopeTemplate, claims: Mapping[str, Any]) -> Decision:
+    """Deny (requester conditions unmet), approve automatically, or leave pending for approvers."""
+    verdict = template.requester.evaluate(claims)
+    if not verdict:
+        return Decision(TaskState.DENIED, "requester", verdict.reason)
+    if template.approval.mode == "auto":
+        return Decision(
+            TaskState.APPROVED, f"auto: scope {template.name} (risk {template.risk.value})"
+        )
+    return Decision(
+        TaskState.PENDING,
+        f"manual: {template.approval.count} approver(s) of scope {template.name}",
+    )
+
+
+def binding_hash(
+    *,
+    task_id: str,
+    issuer: str,
+    subject: str,
+    scope: str,
+    template_hash: str,
+    params: Mapping[str, Any],
+    ttl: int,
+    purpose: str,
+) -> str:
+    """SHA-256 over exactly what a decision approves; any change voids the decision."""
+    body = {
+        "task": task_id,
+        "requester": [issuer, subject],
+        "scope": scope,
+        "template": template_hash,
+        "params": dict(params),
+        "ttl": ttl,
+        "purpose": purpose,
+    }
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def task_binding(task: Task) -> str:
+    """The binding hash of a task as it stands now."""
+    return binding_hash(
+        task_id=task.id,
+        issuer=task.issuer,
+        subject=task.subject,
+        scope=task.scope,
+        template_hash=task.template_hash,
+        params=task.params,
+        ttl=task.ttl,
+        purpose=task.purpose,
+    )
+
+
+APPROVE = "approve"
+DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """The approvals that count towards a task's decision right now."""
+
+    counted: tuple[Approval, ...]
+    required: int
+    approval_ttl: int
+
+    @property
+    def met(self) -> bool:
+        return self.required > 0 and len(self.counted) >= self.required
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the oldest counted approval goes stale (the task's approval ends then)."""
+        if not self.counted:
+            return None
+        return min(a.created_at for a in self.counted) + self.approval_ttl
+
+    def approvers(self) -> list[str]:
+        return [a.subject for a in self.counted]
+
+
+def tally(
+    approvals: Iterable[Approval],
+    *,
+    task: Task,
+    required: int,
+    approval_ttl: int,
+    now: float,
+) -> Tally:
+    """Count the distinct, fresh approvals bound to this exact task version.
+
+    An approval counts only if it approves, is not the requester's own, was made on the task's
+    current binding hash and template version, and is younger than ``approval_ttl``.
+    """
+    binding = task_binding(task)
+    seen: set[tuple[str, str]] = set()
+    counted: list[Approval] = []
+    for a in sorted(approvals, key=lambda a: a.created_at, reverse=True):
+        key = (a.issuer, a.subject)
+        if (
+            a.decision != APPROVE
+            or key == task.requester
+            or key in seen
+            or a.binding_hash != binding
+            or a.template_hash != task.template_hash
+            or now >= a.created_at + approval_ttl
+        ):
+            continue
+        seen.add(key)
+        counted.append(a)
+    return Tally(tuple(counted), required, approval_ttl)

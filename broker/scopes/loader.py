@@ -1,46 +1,79 @@
 """Load scope templates from a folder, with errors that name file, line and field.
 
-The catalog reloads a folder when a file in it changed (checked at most once per
-``check_interval`` seconds), so admins never restart the broker to publish a template.
+A file is parsed with a safe YAML loader that refuses duplicate keys, validated against the
+models in :mod:`broker.domain.scope`, then checked by :mod:`broker.scopes.lint`; any error keeps
+it out of the catalog. The catalog reloads a folder when a file in it changed (checked at most
+once per ``check_interval`` seconds), so admins never restart the broker to publish a template.
+
+A template's **content hash** is SHA-256 over the canonical JSON of its validated content: every
+change of meaning (a condition, a limit, a policy) changes it, a comment or re-indentation does
+not. Tasks record it; a decision made under one hash is void under another.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError
 
+from broker.domain.audit import canonical_json
 from broker.domain.scope import ScopeTemplate
 from broker.errors import NotFound
+from broker.scopes.lint import check_template
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
+#: Template files larger than this are refused unread (a template is a page, not a data set).
+MAX_FILE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class LintProblem:
-    """One problem in one template file."""
+    """One problem in one template file: file, line, field, message, severity and rule id."""
 
     file: str
     line: int | None
     field: str
     message: str
+    severity: Literal["error", "warning"] = "error"
+    rule: str = "schema"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.message}"
+        return f"{where}: {self.severity}: {self.field}: {self.message} [{self.rule}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "field": self.field,
+            "message": self.message,
+            "severity": self.severity,
+            "rule": self.rule,
+        }
+
+
+def content_hash(template: ScopeTemplate) -> str:
+    """SHA-256 of the template's canonical content (see the module docstring)."""
+    return hashlib.sha256(canonical_json(template.model_dump(mode="json"))).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedTemplate:
+    """A template that passed validation and lint, with where it came from and its hash."""
+
     template: ScopeTemplate
     path: Path
     content_hash: str
+    warnings: tuple[LintProblem, ...] = field(default=())
 
 
 class _SafeLineLoader(yaml.SafeLoader):
@@ -87,12 +120,27 @@ def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def parse_template(
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(template)"
+
+
+def parse_template(  # noqa: PLR0911  # each early return is one kind of refusal
     path: Path, text: str | None = None
 ) -> tuple[LoadedTemplate | None, list[LintProblem]]:
-    """Parse and validate one file; returns the template or the problems found."""
-    raw = path.read_bytes() if text is None else text.encode()
+    """Parse, validate and lint one file; returns the template (None on any error) and findings."""
     name = str(path)
+    if text is None:
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                return None, [LintProblem(name, None, "(file)", "larger than 256 KiB")]
+            raw = path.read_bytes()
+        except OSError as exc:
+            return None, [LintProblem(name, None, "(file)", f"cannot read: {exc.strerror}")]
+    else:
+        raw = text.encode()
     try:
         source = raw.decode("utf-8")
         root = yaml.compose(source, Loader=_SafeLineLoader)  # a SafeLoader subclass
@@ -112,19 +160,28 @@ def parse_template(
         problems = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
-            field = ".".join(str(p) for p in loc) or "(template)"
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(LintProblem(name, _line_of(root, loc), field, msg))
+            problems.append(LintProblem(name, _line_of(root, loc), _field_name(loc), msg))
         return None, problems
+    problems = [
+        LintProblem(name, _line_of(root, f.loc), _field_name(f.loc), f.message, f.severity, f.rule)
+        for f in check_template(template)
+    ]
     expected = path.stem
     if template.name != expected:
-        return None, [
+        problems.insert(
+            0,
             LintProblem(
-                name, _line_of(root, ("name",)), "name", f"must match the file name ({expected!r})"
-            )
-        ]
-    digest = hashlib.sha256(raw).hexdigest()
-    return LoadedTemplate(template, path, digest), []
+                name,
+                _line_of(root, ("name",)),
+                "name",
+                f"must match the file name ({expected!r})",
+                rule="name-matches-file",
+            ),
+        )
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    return LoadedTemplate(template, path, content_hash(template), tuple(problems)), problems
 
 
 _UNION_TAGS = {"vault_token", "vault_database", "aws_sts", "broker_jwt"}
@@ -148,7 +205,14 @@ def load_folder(folder: Path) -> tuple[dict[str, LoadedTemplate], list[LintProbl
         problems.extend(errs)
         if loaded is not None:
             if loaded.template.name in templates:
-                problems.append(LintProblem(str(path), None, "name", "duplicate template name"))
+                # foo.yaml and foo.yml: neither wins silently.
+                problems.append(
+                    LintProblem(
+                        str(path), None, "name", "duplicate template name", rule="name-unique"
+                    )
+                )
+                del templates[loaded.template.name]
+                continue
             templates[loaded.template.name] = loaded
     return templates, problems
 
@@ -165,17 +229,20 @@ class ScopeCatalog:
         self.folder = folder
         self.check_interval = check_interval
         self._lock = threading.Lock()
-        self._fingerprint: tuple[tuple[str, float, int], ...] | None = None
+        self._fingerprint: tuple[tuple[str, int, int, int], ...] | None = None
         self._checked_at = 0.0
         self._templates: dict[str, LoadedTemplate] = {}
         self.problems: list[LintProblem] = []
         self.refresh(force=True)
 
-    def _scan(self) -> tuple[tuple[str, float, int], ...]:
+    def _scan(self) -> tuple[tuple[str, int, int, int], ...]:
         out = []
         for p in template_files(self.folder):
-            st = p.stat()
-            out.append((p.name, st.st_mtime, st.st_size))
+            try:
+                st = p.stat()
+            except OSError:
+                continue  # removed while we looked
+            out.append((p.name, st.st_mtime_ns, st.st_size, st.st_ino))
         return tuple(out)
 
     def refresh(self, *, force: bool = False) -> None:
@@ -187,7 +254,20 @@ class ScopeCatalog:
             fingerprint = self._scan()
             if fingerprint == self._fingerprint and not force:
                 return
-            self._templates, self.problems = load_folder(self.folder)
+            templates, problems = load_folder(self.folder)
+            if self._fingerprint is not None:
+                changed = sorted(
+                    n
+                    for n in set(templates) | set(self._templates)
+                    if (templates.get(n) and templates[n].content_hash)
+                    != (self._templates.get(n) and self._templates[n].content_hash)
+                )
+                if changed:
+                    log.info("scope templates reloaded; changed: %s", ", ".join(changed))
+            for problem in problems:
+                if problem.severity == "error":
+                    log.warning("scope template refused: %s", problem)
+            self._templates, self.problems = templates, problems
             self._fingerprint = fingerprint
 
     def get(self, name: str) -> LoadedTemplate:

@@ -85,10 +85,19 @@ def end_session(conn: Connection, session_id: str, now: float) -> bool:
 # --- tasks ----------------------------------------------------------------------------------
 
 
-def insert_task(conn: Connection, task: Task) -> None:
+def insert_task(conn: Connection, task: Task) -> bool:
+    """Insert a task; False when its (issuer, subject, idempotency key) is already taken."""
     values = {f: getattr(task, f) for f in Task.__slots__}
     values["state"] = task.state.value
-    conn.execute(insert(t.tasks).values(**values))
+    if task.idempotency_key is None:
+        conn.execute(insert(t.tasks).values(**values))
+        return True
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(t.tasks).values(**values))
+    except IntegrityError:
+        return False
+    return True
 
 
 def _task(row: RowMapping) -> Task:
@@ -183,6 +192,12 @@ def insert_approval(conn: Connection, approval: Approval) -> bool:
     except IntegrityError:
         return False
     return True
+
+
+def update_approval(conn: Connection, approval_id: str, **values: Any) -> bool:
+    """Refresh a decision (a stale approval renewed by the same approver)."""
+    res = conn.execute(update(t.approvals).where(t.approvals.c.id == approval_id).values(**values))
+    return res.rowcount == 1
 
 
 def approvals_for(conn: Connection, task_id: str) -> list[Approval]:
@@ -573,3 +588,130 @@ def remember_jti(conn: Connection, issuer: str, jti: str, expires_at: float, now
     except IntegrityError:
         return False
     return True
+
+
+# --- rate limits ----------------------------------------------------------------------------
+
+
+def hit_rate_counter(conn: Connection, key: str, window_start: float) -> int:
+    """Count one hit in a fixed window, atomically across replicas; returns the new count."""
+    table = t.rate_counters
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    stmt = (
+        upsert(table)
+        .values(key=key, window_start=window_start, count=1)
+        .on_conflict_do_update(
+            index_elements=[table.c.key, table.c.window_start], set_={"count": table.c.count + 1}
+        )
+        .returning(table.c.count)
+    )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def prune_rate_counters(conn: Connection, before: float) -> int:
+    """Forget windows that started before ``before``."""
+    res = conn.execute(delete(t.rate_counters).where(t.rate_counters.c.window_start < before))
+    return int(res.rowcount or 0)
+
+
+# --- template versions ----------------------------------------------------------------------
+
+
+def remember_template_version(
+    conn: Connection, content_hash: str, name: str, body: dict[str, Any], now: float
+) -> None:
+    """Keep the template version a task is decided under (once per hash)."""
+    exists = conn.execute(
+        select(t.template_versions.c.hash).where(t.template_versions.c.hash == content_hash)
+    ).first()
+    if exists is None:
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(t.template_versions).values(
+                        hash=content_hash, name=name, body=body, first_seen_at=now
+                    )
+                )
+        except IntegrityError:
+            pass  # another replica recorded it first
+
+
+def get_template_version(conn: Connection, content_hash: str) -> dict[str, Any] | None:
+    row = (
+        conn.execute(select(t.template_versions).where(t.template_versions.c.hash == content_hash))
+        .mappings()
+        .first()
+    )
+    return dict(row) if row else None
+
+
+# --- task expiry ----------------------------------------------------------------------------
+
+
+def tasks_due_for_expiry(
+    conn: Connection, now: float, limit: int, *, skip_locked: bool
+) -> list[Task]:
+    """Pending tasks past their request expiry and approved, unminted tasks past their approval's."""
+    c = t.tasks.c
+    query = (
+        select(t.tasks)
+        .where(
+            ((c.state == TaskState.PENDING.value) & (c.request_expires_at <= now))
+            | (
+                (c.state == TaskState.APPROVED.value)
+                & (c.approval_expires_at <= now)
+                & (c.mints == 0)
+            )
+        )
+        .order_by(c.created_at)
+        .limit(limit)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    return [_task(r) for r in conn.execute(query).mappings()]
+
+
+# --- webhook deliveries ---------------------------------------------------------------------
+
+
+def insert_webhook_delivery(conn: Connection, **values: Any) -> None:
+    conn.execute(insert(t.webhook_deliveries).values(**values))
+
+
+def webhook_deliveries_due(
+    conn: Connection, now: float, limit: int, *, skip_locked: bool
+) -> list[dict[str, Any]]:
+    w = t.webhook_deliveries
+    query = (
+        select(w)
+        .where(w.c.state == "pending", w.c.next_attempt_at <= now)
+        .order_by(w.c.next_attempt_at)
+        .limit(limit)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def update_webhook_delivery(
+    conn: Connection, delivery_id: str, *, expect_attempts: int | None = None, **values: Any
+) -> bool:
+    """Update a delivery; with ``expect_attempts``, only if no other worker has tried it since."""
+    w = t.webhook_deliveries
+    query = update(w).where(w.c.id == delivery_id)
+    if expect_attempts is not None:
+        query = query.where(w.c.attempts == expect_attempts, w.c.state == "pending")
+    return conn.execute(query.values(**values)).rowcount == 1
+
+
+def webhook_deliveries(
+    conn: Connection, *, task_id: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    w = t.webhook_deliveries
+    query = select(w).order_by(w.c.created_at)
+    if task_id is not None:
+        query = query.where(w.c.task_id == task_id)
+    return [dict(r) for r in conn.execute(query.limit(limit)).mappings()]

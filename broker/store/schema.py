@@ -76,6 +76,8 @@ tasks = Table(
     Column("parent_span_id", String(16)),
     Column("conversation_id", String(256)),
     Column("mints", Integer, nullable=False, default=0),
+    Column("decision_hash", String(64)),
+    Column("approvals_required", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("issuer", "subject", "idempotency_key", name="uq_tasks_idempotency"),
 )
 Index("ix_tasks_principal", tasks.c.issuer, tasks.c.subject, tasks.c.state)
@@ -94,6 +96,7 @@ approvals = Table(
     Column("reason", Text),
     Column("template_hash", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("binding_hash", String(64)),
     UniqueConstraint("task_id", "issuer", "subject", name="uq_approvals_decider"),
 )
 
@@ -211,3 +214,35 @@ rate_counters = Table(
     Column("window_start", Float, primary_key=True),
     Column("count", Integer, nullable=False),
 )
+
+#: Every scope template version a task was decided under, keyed by its content hash, so auditors
+#: (and the console) can see exactly what was approved and what changed since.
+template_versions = Table(
+    "template_versions",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("body", JSON, nullable=False),
+    Column("first_seen_at", Float, nullable=False),
+)
+Index("ix_template_versions_name", template_versions.c.name, template_versions.c.first_seen_at)
+
+#: Webhook notifications (the outbox of task.pending / task.approved / ...): written in the
+#: decision's transaction, delivered with retries by a background worker. Payloads hold no secret;
+#: the signature is computed at send time.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("webhook", String(64), nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("task_id", String(40)),
+    Column("payload", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    Column("last_error", Text),
+)
+Index("ix_webhook_deliveries_due", webhook_deliveries.c.state, webhook_deliveries.c.next_attempt_at)
