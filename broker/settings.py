@@ -20,6 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from broker.domain.scope import RateWindow
 from broker.errors import ConfigurationError
 
 Role = Literal["agent", "approver", "auditor", "admin"]
@@ -125,6 +126,55 @@ class OtlpSettings(BaseModel):
     service_name: str = "broker"
 
 
+WebhookEvent = Literal["task.pending", "task.approved", "task.denied", "task.expired"]
+
+
+class WebhookSettings(BaseModel):
+    """A webhook told when a task starts waiting for approvers and when it is decided.
+
+    Each delivery is signed: ``X-Broker-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
+    "<t>.<body>" under secret>``. ``format: slack`` sends a Slack-compatible ``text``/``blocks``
+    body (an incoming-webhook URL works as is). See docs/scopes.md.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    url: str = Field(min_length=8, max_length=2048)
+    secret: SecretStr
+    format: Literal["json", "slack"] = "json"
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list[WebhookEvent](
+            ["task.pending", "task.approved", "task.denied", "task.expired"]
+        ),
+        min_length=1,
+    )
+    timeout: float = Field(default=5.0, gt=0, le=30)
+    max_attempts: int = Field(default=8, ge=1, le=50)
+
+    @field_validator("secret")
+    @classmethod
+    def _strong_secret(cls, secret: SecretStr) -> SecretStr:
+        if len(secret.get_secret_value()) < 16:
+            raise ValueError("a webhook secret needs at least 16 characters")
+        return secret
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ValueError("a webhook url must be an http(s) URL")
+        return url
+
+
+class RateLimitSettings(BaseModel):
+    """Broker-wide limits on task requests, per principal over all scopes (templates add their own)."""
+
+    model_config = {"extra": "forbid"}
+
+    per_principal: list[RateWindow] = Field(default_factory=list, max_length=5)
+
+
 class Settings(BaseSettings):
     """Everything the broker can be told. Build it once and pass it to ``create_app``."""
 
@@ -140,6 +190,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".broker")
     database_url: str | None = None
     scopes_dir: Path = Path("scopes")
+    #: How often (seconds) the scope folder is checked for changed templates.
+    scopes_reload_interval: float = Field(default=1.0, ge=0, le=300)
+    webhooks: list[WebhookSettings] = Field(default_factory=list, max_length=20)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    #: Longest a client may hold ``GET /v1/tasks/{id}?wait=`` open, in seconds.
+    task_wait_max: int = Field(default=60, ge=1, le=300)
     signing_key_file: Path | None = None
 
     issuers: list[IssuerConfig] = Field(default_factory=list)
@@ -199,6 +255,9 @@ class Settings(BaseSettings):
                 problems.append(f"issuer {iss.name!r} has a jwks_uri without https")
         if self.signing_key_file is None:
             problems.append("no signing_key_file (BROKER_SIGNING_KEY_FILE) is set")
+        for hook in self.webhooks:
+            if urlsplit(hook.url).scheme != "https" and not is_loopback_url(hook.url):
+                problems.append(f"webhook {hook.name!r} does not use https")
         if problems:
             raise ValueError(
                 "refusing insecure configuration outside dev mode: "

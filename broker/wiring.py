@@ -14,10 +14,13 @@ from broker.backends.base import Backend
 from broker.errors import BrokerError, ServiceUnavailable
 from broker.oidc.verifier import TokenVerifier
 from broker.scopes.loader import ScopeCatalog
+from broker.services.approvals import ApprovalService
 from broker.services.credentials import CredentialService
+from broker.services.limits import RateLimiter
+from broker.services.notifications import WebhookNotifier
 from broker.services.revocation import Revoker
 from broker.services.sessions import SessionService
-from broker.services.tasks import TaskService
+from broker.services.tasks import ExpiryLoop, TaskService
 from broker.settings import Settings
 from broker.store import Database
 
@@ -48,6 +51,10 @@ class Broker:
     revoker: Revoker
     http: httpx.Client
     clock: Callable[[], float]
+    #: Approvers' decisions on pending tasks.
+    approvals: ApprovalService
+    #: Webhook notifications of task decisions (an outbox, delivered in the background).
+    notifier: WebhookNotifier
     background: list[Any] = field(default_factory=list)
 
     def readiness(self) -> dict[str, str]:
@@ -75,6 +82,11 @@ class Broker:
             outbox = OutboxExporter(self.db, exporter, self.settings.otlp, self.clock)
             outbox.start()
             self.background.append(outbox)
+        self.notifier.start()
+        self.background.append(self.notifier)
+        expiry = ExpiryLoop(self.tasks, self.settings.reaper_interval)
+        expiry.start()
+        self.background.append(expiry)
 
     def stop(self) -> None:
         for part in reversed(self.background):
@@ -96,11 +108,15 @@ def build_broker(
 ) -> Broker:
     """Construct a broker; outward clients can be injected (tests, benchmarks)."""
     db = Database(settings.effective_database_url)
-    catalog = ScopeCatalog(settings.scopes_dir)
+    catalog = ScopeCatalog(settings.scopes_dir, check_interval=settings.scopes_reload_interval)
     http = http or httpx.Client(timeout=httpx.Timeout(5.0), follow_redirects=False)
     verifier = TokenVerifier(settings.issuers, http)
     backends = default_backends(settings) if backends is None else backends
     revoker = Revoker(db, backends, clock)
+    notifier = WebhookNotifier(settings, db, clock)
+    tasks = TaskService(
+        settings, db, catalog, revoker, clock, limiter=RateLimiter(db, clock), notifier=notifier
+    )
     return Broker(
         settings=settings,
         db=db,
@@ -108,9 +124,11 @@ def build_broker(
         verifier=verifier,
         backends=backends,
         sessions=SessionService(settings, db, verifier, clock),
-        tasks=TaskService(settings, db, catalog, revoker, clock),
+        tasks=tasks,
         credentials=CredentialService(settings, db, catalog, backends, clock),
         revoker=revoker,
         http=http,
         clock=clock,
+        approvals=ApprovalService(db, catalog, tasks, notifier, clock),
+        notifier=notifier,
     )

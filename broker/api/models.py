@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.domain.records import Credential, Task
+from broker.domain.records import Approval, Credential, Task
 
 
 class TaskCreate(BaseModel):
@@ -17,6 +17,31 @@ class TaskCreate(BaseModel):
     purpose: str = Field(min_length=1, max_length=2000)
     ttl: int | None = Field(default=None, ge=60, le=7 * 86_400)
     conversation_id: str | None = Field(default=None, max_length=256)
+
+
+class ApprovalOut(BaseModel):
+    """One approver's decision on a task."""
+
+    issuer: str
+    subject: str
+    display_name: str | None
+    decision: str
+    reason: str | None
+    created_at: float
+    #: False when the decision no longer counts (stale, or made on another version of the task).
+    counts: bool
+
+    @classmethod
+    def of(cls, approval: Approval, *, counts: bool) -> ApprovalOut:
+        return cls(
+            issuer=approval.issuer,
+            subject=approval.subject,
+            display_name=approval.display_name,
+            decision=approval.decision,
+            reason=approval.reason,
+            created_at=approval.created_at,
+            counts=counts,
+        )
 
 
 class TaskOut(BaseModel):
@@ -38,6 +63,11 @@ class TaskOut(BaseModel):
     ends_at: float | None
     trace_id: str
     conversation_id: str | None
+    #: Distinct approvals the scope requires (0: approved automatically).
+    approvals_required: int = 0
+    #: Decisions so far (on ``GET /v1/tasks/{id}``): who, approve or deny, when, and whether it
+    #: still counts.
+    approvals: list[ApprovalOut] | None = None
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
@@ -60,6 +90,7 @@ class TaskOut(BaseModel):
             ends_at=task.ends_at,
             trace_id=task.trace_id,
             conversation_id=task.conversation_id,
+            approvals_required=task.approvals_required,
         )
 
 

@@ -1,10 +1,23 @@
-"""Task requests, decisions and completion."""
+"""Task requests, decisions, expiry, the mint-time approval check, and completion.
+
+A request is refused before anything is stored when the scope is unknown, a limit is reached or
+a parameter is invalid (each refusal audited as ``broker.request.denied``). Otherwise the task is
+stored with its decision: ``denied`` (the requester's conditions are unmet; answered 403 with the
+reason), ``approved`` (automatic; the rule recorded) or ``pending`` (waiting for approvers;
+webhooks told). Parameters, purpose and TTL are frozen from then on.
+
+:func:`authorize_mint` is the check minting runs inside its own transaction, so that an approval
+is used once, in time, for exactly what was approved, under the template version it was made on.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from broker.domain.audit import (
     AuditEvent,
@@ -17,16 +30,67 @@ from broker.domain.audit import (
 from broker.domain.ids import new_id
 from broker.domain.records import Approval, Session, Task
 from broker.domain.scope import ScopeTemplate
-from broker.domain.task import TaskState, transition
-from broker.errors import Conflict, Forbidden, NotFound, RateLimited, ValidationFailed
-from broker.scopes.loader import ScopeCatalog
+from broker.domain.task import (
+    TaskState,
+    condition_claims,
+    decide_request,
+    tally,
+    task_binding,
+    transition,
+)
+from broker.errors import (
+    BrokerError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    RateLimited,
+    ValidationFailed,
+)
+from broker.scopes.loader import LoadedTemplate, ScopeCatalog
 from broker.scopes.params import validate_params
+from broker.scopes.render import render_backend
 from broker.services.common import Clock, TraceContext, record
+from broker.services.limits import RateLimiter, limits_for
 from broker.services.revocation import Revoker
 from broker.settings import Settings
 from broker.store import Database, Tx, repo
 
+log = logging.getLogger(__name__)
+
 MAX_PURPOSE = 2000
+MAX_IDEMPOTENCY_KEY = 256
+#: Tasks expired per pass of :meth:`TaskService.expire_due`.
+EXPIRY_BATCH = 200
+
+
+class Notifier(Protocol):
+    """Where decisions are announced (webhooks); called inside the decision's transaction."""
+
+    def enqueue(
+        self,
+        conn: Tx,
+        event: str,
+        task: Task,
+        template: ScopeTemplate | None,
+        *,
+        approvals: Iterable[Approval] = (),
+    ) -> int: ...
+
+
+class NullNotifier:
+    """Announces nothing."""
+
+    def enqueue(
+        self,
+        conn: Tx,
+        event: str,
+        task: Task,
+        template: ScopeTemplate | None,
+        *,
+        approvals: Iterable[Approval] = (),
+    ) -> int:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +114,14 @@ class TaskRequest:
         return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A request's outcome: the task, and whether it is a replay of an earlier request."""
+
+    task: Task
+    replayed: bool = False
+
+
 def task_attributes(task: Task) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "broker.task.id": task.id,
@@ -64,8 +136,250 @@ def task_attributes(task: Task) -> dict[str, Any]:
     return attrs
 
 
+def resolve_ttl(template: ScopeTemplate, asked: int | None, global_cap: int) -> int:
+    """The TTL a request gets: the template's default, or what was asked within every cap."""
+    cap = min(template.ttl.max, global_cap)
+    if asked is None:
+        return min(template.ttl.default, cap)
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 60:
+        raise ValidationFailed("ttl must be an integer of at least 60 seconds", code="invalid_ttl")
+    if asked > cap:
+        raise ValidationFailed(
+            f"ttl may be at most {cap} seconds for this scope", code="ttl_too_long"
+        )
+    return asked
+
+
+def check_purpose(purpose: Any) -> str:
+    if not isinstance(purpose, str):
+        raise ValidationFailed("purpose must be a string", code="invalid_purpose")
+    text = purpose.strip()
+    if not text or len(text) > MAX_PURPOSE:
+        raise ValidationFailed(
+            f"purpose must be 1 to {MAX_PURPOSE} characters", code="invalid_purpose"
+        )
+    return text
+
+
+def lapsed(task: Task, now: float) -> bool:
+    """A pending request past its ``request_ttl``, or an unused approval past its expiry."""
+    if task.state is TaskState.PENDING:
+        return task.request_expires_at is not None and now >= task.request_expires_at
+    if task.state is TaskState.APPROVED and task.mints == 0:
+        return task.approval_expires_at is not None and now >= task.approval_expires_at
+    return False
+
+
+class _Replay(Exception):
+    """Raised inside the write transaction when a concurrent request took the Idempotency-Key."""
+
+
+# --- audit helpers shared with the approval service -------------------------------------------
+
+
+def audit_decision(conn: Tx, task: Task, actor: Approval | None = None) -> None:
+    """``broker.task.decision``: what the task became, by which rule, and who decided."""
+    attrs = {
+        **task_attributes(task),
+        "broker.decision": task.state.value,
+        "broker.decision.rule": task.decided_by_rule,
+    }
+    if task.reason:
+        attrs["broker.decision.reason"] = task.reason
+    if actor is not None:
+        attrs["broker.approver.sub"] = actor.subject
+        attrs["broker.approver.issuer"] = actor.issuer
+    record(
+        conn,
+        AuditEvent(
+            name=EventName.TASK_DECISION,
+            outcome=Outcome.DENIED
+            if task.state is TaskState.DENIED
+            else (Outcome.PENDING if task.state is TaskState.PENDING else Outcome.SUCCESS),
+            time=task.decided_at or task.updated_at,
+            trace_id=task.trace_id,
+            parent_span_id=task.span_id,
+            task_id=task.id,
+            actor_issuer=actor.issuer if actor else None,
+            actor_subject=actor.subject if actor else None,
+            attributes=attrs,
+        ),
+    )
+
+
+def audit_task_refusal(
+    conn: Tx,
+    task: Task,
+    error: BrokerError,
+    now: float,
+    *,
+    name: str = EventName.REQUEST_DENIED,
+    actor: tuple[str, str] | None = None,
+    session_id: str | None = None,
+) -> None:
+    """A refused operation on a task (mint, decision), with its stable code and public detail."""
+    record(
+        conn,
+        AuditEvent(
+            name=name,
+            outcome=Outcome.DENIED,
+            time=now,
+            trace_id=task.trace_id,
+            parent_span_id=task.span_id,
+            task_id=task.id,
+            session_id=session_id,
+            actor_issuer=actor[0] if actor else None,
+            actor_subject=actor[1] if actor else None,
+            attributes={
+                **task_attributes(task),
+                "broker.refusal.code": error.code,
+                "broker.refusal.detail": error.detail,
+            },
+        ),
+    )
+
+
+def end_task(
+    conn: Tx,
+    task: Task,
+    target: TaskState,
+    now: float,
+    *,
+    reason: str,
+    rule: str,
+    event: str,
+) -> Task:
+    """Move a task to ``target`` (compare-and-set) and audit why; returns the updated task."""
+    transition(task.state, target)
+    values: dict[str, Any] = {"state": target, "updated_at": now, "reason": reason}
+    if task.state is TaskState.PENDING:
+        values.update(decided_at=now, decided_by_rule=rule)
+    if target.terminal:
+        values["ends_at"] = now
+    if not repo.update_task(conn, task.id, expect=task.state, **values):
+        raise Conflict("the task changed meanwhile; read it again", code="task_changed")
+    task = replace(task, **values)
+    record(
+        conn,
+        AuditEvent(
+            name=event,
+            outcome=Outcome.SUCCESS if event == EventName.TASK_EXPIRE else Outcome.DENIED,
+            time=now,
+            trace_id=task.trace_id,
+            parent_span_id=task.span_id,
+            task_id=task.id,
+            attributes={
+                **task_attributes(task),
+                "broker.decision.rule": rule,
+                "broker.decision.reason": reason,
+            },
+        ),
+    )
+    return task
+
+
+# --- the mint-time check ----------------------------------------------------------------------
+
+
+def authorize_mint(
+    conn: Tx,
+    task: Task,
+    loaded: LoadedTemplate | None,
+    now: float,
+    *,
+    session_id: str | None = None,
+    notifier: Notifier | None = None,
+) -> BrokerError | None:
+    """May ``task`` (read ``for_update`` in ``conn``) be minted now? ``None`` when it may.
+
+    Otherwise returns the refusal for the caller to raise *after* committing ``conn``: the
+    refusal is audited, and a task whose approval lapsed or was voided is moved out of
+    ``approved`` in the same transaction (so the caller must commit, not roll back). Rules:
+
+    1. only an ``approved`` task mints, and only once (``mints == 0``): an approval is single-use,
+       and a concurrent second mint sees the first one's intent under the row lock;
+    2. the approval is in time (``approval_expires_at``);
+    3. the template is still the version the task was decided under (content hash), else void;
+    4. the task is still exactly what was approved (binding hash of requester, scope, template
+       version, parameters, TTL and purpose), else void;
+    5. for a manual rule, enough distinct, fresh approvals bound to that same hash still exist.
+    """
+    refusal: BrokerError | None = None
+    if task.state is not TaskState.APPROVED or task.mints > 0:
+        if task.state is TaskState.ACTIVE or (task.state is TaskState.APPROVED and task.mints > 0):
+            refusal = Conflict(
+                "this task's approval was already used; request a new task",
+                code="already_issued",
+            )
+        else:
+            refusal = Conflict(
+                f"the task is {task.state.value}, not approved",
+                code="task_not_approved",
+                extra={"state": task.state.value},
+            )
+        audit_task_refusal(conn, task, refusal, now, session_id=session_id)
+        return refusal
+    if task.approval_expires_at is None or now >= task.approval_expires_at:
+        refusal = Conflict(
+            "the approval has expired; request the task again", code="approval_expired"
+        )
+        expired = end_task(
+            conn,
+            task,
+            TaskState.EXPIRED,
+            now,
+            reason="the approval expired before it was used",
+            rule="approval_ttl",
+            event=EventName.TASK_EXPIRE,
+        )
+        if notifier is not None and expired.approvals_required:
+            notifier.enqueue(conn, "task.expired", expired, loaded.template if loaded else None)
+        audit_task_refusal(conn, task, refusal, now, session_id=session_id)
+        return refusal
+    void_reason: str | None = None
+    if loaded is None or loaded.content_hash != task.template_hash:
+        void_reason = "the scope template changed after the decision"
+        refusal = PreconditionFailed(
+            "the scope template changed after this task was approved; request it again",
+            code="template_changed",
+        )
+    elif task.decision_hash != task_binding(task):
+        void_reason = "the task no longer matches what was approved"
+        refusal = PreconditionFailed(
+            "the task no longer matches what was approved; request it again",
+            code="approval_void",
+        )
+    elif task.approvals_required:
+        counted = tally(
+            repo.approvals_for(conn, task.id),
+            task=task,
+            required=task.approvals_required,
+            approval_ttl=loaded.template.approval.approval_ttl,
+            now=now,
+        )
+        if not counted.met:
+            void_reason = "fewer valid approvals remain than the rule requires"
+            refusal = PreconditionFailed(
+                "the approvals of this task are no longer valid; request it again",
+                code="approval_void",
+            )
+    if refusal is None:
+        return None
+    end_task(
+        conn,
+        task,
+        TaskState.REVOKED,
+        now,
+        reason=void_reason or refusal.detail,
+        rule="approval_void",
+        event=EventName.TASK_DECISION,
+    )
+    audit_task_refusal(conn, task, refusal, now, session_id=session_id)
+    return refusal
+
+
 class TaskService:
-    """Request, read, decide and end tasks."""
+    """Request, read, wait for, expire and end tasks."""
 
     def __init__(
         self,
@@ -74,40 +388,74 @@ class TaskService:
         catalog: ScopeCatalog,
         revoker: Revoker,
         clock: Clock,
+        *,
+        limiter: RateLimiter | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.catalog = catalog
         self.revoker = revoker
         self.clock = clock
+        self.limiter = limiter or RateLimiter(db, clock)
+        self.notifier: Notifier = notifier or NullNotifier()
 
     # --- request --------------------------------------------------------------------------
 
     def request(self, session: Session, req: TaskRequest) -> Task:
         """Open a task; it is approved automatically, left pending, or denied (and recorded)."""
+        return self.submit(session, req).task
+
+    def submit(self, session: Session, req: TaskRequest) -> Submitted:
+        """:meth:`request`, telling whether the answer replays an earlier request."""
         principal = session.principal
-        if req.idempotency_key:
+        now = self.clock()
+        key = req.idempotency_key
+        if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable()):
+            raise ValidationFailed(
+                "Idempotency-Key must be 1 to 256 printable characters",
+                code="invalid_idempotency_key",
+            )
+        if key:
             with self.db.read() as conn:
                 existing = repo.task_by_idempotency_key(
-                    conn, principal.issuer, principal.subject, req.idempotency_key
+                    conn, principal.issuer, principal.subject, key
                 )
             if existing is not None:
                 return self._replay(existing, req)
-        loaded = self.catalog.get(req.scope)
-        template = loaded.template
-        now = self.clock()
+        loaded, task = self._build(session, req, now)
         try:
-            purpose = req.purpose.strip()
-            if not purpose or len(purpose) > MAX_PURPOSE:
-                raise ValidationFailed(
-                    f"purpose must be 1 to {MAX_PURPOSE} characters", code="invalid_purpose"
-                )
-            params = validate_params(template, req.params)
-            ttl = self._ttl(template, req.ttl)
-        except ValidationFailed as exc:
-            self._audit_refusal(session, req, exc.code, exc.detail, now)
+            self._store(session, loaded, task, now)
+        except RateLimited as exc:
+            self._audit_refusal(session, req, exc, now)
             raise
-        trace_id = req.trace.trace_id if req.trace else new_trace_id()
+        except _Replay:
+            with self.db.read() as conn:
+                existing = repo.task_by_idempotency_key(
+                    conn, principal.issuer, principal.subject, key or ""
+                )
+            if existing is None:  # pragma: no cover - the unique key was taken by this very row
+                raise
+            return self._replay(existing, req)
+        if task.state is TaskState.DENIED:
+            raise self._denied(task)
+        return Submitted(task)
+
+    def _build(self, session: Session, req: TaskRequest, now: float) -> tuple[LoadedTemplate, Task]:
+        """Validate the request and decide it (nothing stored yet); refusals are audited."""
+        principal = session.principal
+        try:
+            loaded = self.catalog.get(req.scope)
+            template = loaded.template
+            purpose = check_purpose(req.purpose)
+            params = validate_params(template, req.params)
+            ttl = resolve_ttl(template, req.ttl, self.settings.credential_max_ttl)
+            # Render now, so a request that could never be minted is refused before approval.
+            render_backend(template, params)
+        except (NotFound, ValidationFailed) as exc:
+            self._audit_refusal(session, req, exc, now)
+            raise
+        decision = decide_request(template, condition_claims(principal))
         task = Task(
             id=new_id("tsk"),
             session_id=session.id,
@@ -118,87 +466,114 @@ class TaskService:
             params=params,
             purpose=purpose,
             ttl=ttl,
-            state=TaskState.PENDING,
+            state=decision.state,
             created_at=now,
             updated_at=now,
-            trace_id=trace_id,
+            trace_id=req.trace.trace_id if req.trace else new_trace_id(),
             span_id=new_span_id(),
             parent_span_id=req.trace.span_id if req.trace else None,
             idempotency_key=req.idempotency_key,
             request_hash=req.fingerprint(),
             conversation_id=req.conversation_id,
             request_expires_at=now + template.approval.request_ttl,
+            approvals_required=template.approval.required,
         )
-        verdict = template.requester.evaluate(principal.claims)
-        if not verdict:
+        if decision.state is TaskState.DENIED:
             task = replace(
-                task,
-                state=TaskState.DENIED,
-                reason=verdict.reason,
-                decided_at=now,
-                decided_by_rule="requester",
+                task, reason=decision.reason, decided_at=now, decided_by_rule=decision.rule
             )
-        elif template.approval.mode == "auto":
+        elif decision.state is TaskState.APPROVED:
             task = replace(
                 task,
-                state=TaskState.APPROVED,
                 decided_at=now,
-                decided_by_rule=f"scope:{template.name}:approval.mode=auto",
+                decided_by_rule=decision.rule,
                 approval_expires_at=now + template.approval.approval_ttl,
             )
+            task = replace(task, decision_hash=task_binding(task))
+        return loaded, task
+
+    def _store(self, session: Session, loaded: LoadedTemplate, task: Task, now: float) -> None:
+        """Count the request against its limits and store the task with its audit events."""
+        principal = session.principal
+        template = loaded.template
         with self.db.write() as conn:
+            self.limiter.hit(
+                conn, limits_for(principal, template, self.settings.rate_limits.per_principal), now
+            )
             if task.state is not TaskState.DENIED:
                 active = repo.count_active_tasks(
                     conn, principal.issuer, principal.subject, template.name
                 )
                 if active >= template.max_active_tasks:
                     raise RateLimited(
-                        f"you already hold {active} open tasks for {template.name!r} (the limit)",
+                        f"you already hold {active} open tasks for {template.name!r} (the limit); "
+                        "complete or cancel one",
                         code="too_many_active_tasks",
                         retry_after=60,
                     )
-            repo.insert_task(conn, task)
-            self._audit_request(conn, session, task, req)
-            if task.state is not TaskState.PENDING:
-                self._audit_decision(conn, task, actor=None)
-        if task.state is TaskState.DENIED:
-            raise Forbidden(
-                f"the request for {template.name!r} was denied: {task.reason}",
-                code="request_denied",
-                extra={"task_id": task.id, "reason": task.reason},
+            repo.remember_template_version(
+                conn, loaded.content_hash, template.name, template.model_dump(mode="json"), now
             )
-        return task
+            if not repo.insert_task(conn, task):
+                raise _Replay
+            self._audit_request(conn, session, task)
+            if task.state is not TaskState.PENDING:
+                audit_decision(conn, task)
+            else:
+                self.notifier.enqueue(conn, "task.pending", task, template)
 
-    def _replay(self, existing: Task, req: TaskRequest) -> Task:
+    @staticmethod
+    def _denied(task: Task) -> Forbidden:
+        return Forbidden(
+            f"the request for {task.scope!r} was denied: {task.reason}",
+            code="request_denied",
+            extra={"task_id": task.id, "reason": task.reason},
+        )
+
+    def _replay(self, existing: Task, req: TaskRequest) -> Submitted:
         if existing.request_hash != req.fingerprint():
             raise Conflict(
                 "this Idempotency-Key was used for a different request",
                 code="idempotency_key_reused",
+                extra={"task_id": existing.id},
             )
-        return existing
-
-    def _ttl(self, template: ScopeTemplate, asked: int | None) -> int:
-        if asked is None:
-            return min(template.ttl.default, self.settings.credential_max_ttl)
-        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 60:
-            raise ValidationFailed(
-                "ttl must be an integer of at least 60 seconds", code="invalid_ttl"
-            )
-        cap = min(template.ttl.max, self.settings.credential_max_ttl)
-        if asked > cap:
-            raise ValidationFailed(
-                f"ttl may be at most {cap} seconds for this scope", code="ttl_too_long"
-            )
-        return asked
+        if existing.state is TaskState.DENIED and existing.decided_by_rule == "requester":
+            raise self._denied(existing)
+        return Submitted(existing, replayed=True)
 
     # --- read -----------------------------------------------------------------------------
 
     def get_own(self, session: Session, task_id: str) -> Task:
+        """One of the caller's tasks (a lapsed one is expired first)."""
         with self.db.read() as conn:
             task = repo.get_task(conn, task_id)
         if task is None or task.requester != session.principal.key:
             raise NotFound("no such task", code="unknown_task")
+        if lapsed(task, self.clock()):
+            self.expire_due(ids=[task.id])
+            with self.db.read() as conn:
+                task = repo.get_task(conn, task_id) or task
         return task
+
+    def approvals_of(self, task: Task) -> list[tuple[Approval, bool]]:
+        """The task's decisions, each with whether it counts towards the rule right now."""
+        with self.db.read() as conn:
+            approvals = repo.approvals_for(conn, task.id)
+        if not approvals:
+            return []
+        try:
+            ttl = self.catalog.get(task.scope).template.approval.approval_ttl
+        except NotFound:
+            ttl = 0
+        counted = tally(
+            approvals,
+            task=task,
+            required=task.approvals_required,
+            approval_ttl=ttl,
+            now=self.clock(),
+        )
+        ids = {a.id for a in counted.counted}
+        return [(a, a.id in ids) for a in approvals]
 
     def list_own(
         self, session: Session, states: list[TaskState] | None = None, limit: int = 100
@@ -211,6 +586,42 @@ class TaskService:
                 states=states,
                 limit=limit,
             )
+
+    # --- expiry ---------------------------------------------------------------------------
+
+    def expire_due(self, *, ids: Iterable[str] | None = None, limit: int = EXPIRY_BATCH) -> int:
+        """Expire pending requests past ``request_ttl`` and unused approvals past ``approval_ttl``.
+
+        Safe to run on every replica at once (rows are locked and updated compare-and-set).
+        """
+        now = self.clock()
+        expired = 0
+        with self.db.write() as conn:
+            if ids is None:
+                due = repo.tasks_due_for_expiry(conn, now, limit, skip_locked=not self.db.is_sqlite)
+            else:
+                due = [t for i in ids if (t := repo.get_task(conn, i, for_update=True))]
+            for task in due:
+                if not lapsed(task, now):
+                    continue
+                what = "request" if task.state is TaskState.PENDING else "approval"
+                done = end_task(
+                    conn,
+                    task,
+                    TaskState.EXPIRED,
+                    now,
+                    reason=f"the {what} expired",
+                    rule=f"{what}_ttl",
+                    event=EventName.TASK_EXPIRE,
+                )
+                if done.approvals_required:
+                    try:
+                        template: ScopeTemplate | None = self.catalog.get(task.scope).template
+                    except NotFound:
+                        template = None
+                    self.notifier.enqueue(conn, "task.expired", done, template)
+                expired += 1
+        return expired
 
     # --- end ------------------------------------------------------------------------------
 
@@ -227,9 +638,10 @@ class TaskService:
                 else TaskState.COMPLETED
             )
             transition(task.state, target)
-            repo.update_task(
+            if not repo.update_task(
                 conn, task.id, expect=task.state, state=target, updated_at=now, ends_at=now
-            )
+            ):
+                raise Conflict("the task changed meanwhile; read it again", code="task_changed")
             task = replace(task, state=target, updated_at=now, ends_at=now)
             record(
                 conn,
@@ -251,7 +663,7 @@ class TaskService:
 
     # --- audit ----------------------------------------------------------------------------
 
-    def _audit_request(self, conn: Tx, session: Session, task: Task, req: TaskRequest) -> None:
+    def _audit_request(self, conn: Tx, session: Session, task: Task) -> None:
         record(
             conn,
             AuditEvent(
@@ -274,41 +686,22 @@ class TaskService:
                     "broker.task.ttl": task.ttl,
                     "broker.task.params": task.params,
                     "broker.session.id": session.id,
+                    "broker.approval.required": task.approvals_required,
                 },
             ),
         )
 
-    def _audit_decision(self, conn: Tx, task: Task, actor: Approval | None) -> None:
-        attrs = {
-            **task_attributes(task),
-            "broker.decision": task.state.value,
-            "broker.decision.rule": task.decided_by_rule,
-        }
-        if task.reason:
-            attrs["broker.decision.reason"] = task.reason
-        if actor is not None:
-            attrs["broker.approver.sub"] = actor.subject
-            attrs["broker.approver.issuer"] = actor.issuer
-        record(
-            conn,
-            AuditEvent(
-                name=EventName.TASK_DECISION,
-                outcome=Outcome.DENIED
-                if task.state is TaskState.DENIED
-                else (Outcome.PENDING if task.state is TaskState.PENDING else Outcome.SUCCESS),
-                time=task.decided_at or task.updated_at,
-                trace_id=task.trace_id,
-                parent_span_id=task.span_id,
-                task_id=task.id,
-                actor_issuer=actor.issuer if actor else None,
-                actor_subject=actor.subject if actor else None,
-                attributes=attrs,
-            ),
-        )
-
     def _audit_refusal(
-        self, session: Session, req: TaskRequest, code: str, detail: str, now: float
+        self, session: Session, req: TaskRequest, error: BrokerError, now: float
     ) -> None:
+        attributes: dict[str, Any] = {
+            "broker.scope": req.scope[:128],
+            "broker.principal.sub": session.principal.subject,
+            "broker.refusal.code": error.code,
+            "broker.refusal.detail": error.detail,
+        }
+        if isinstance(error, RateLimited):
+            attributes["broker.refusal.retry_after"] = error.retry_after
         with self.db.write() as conn:
             record(
                 conn,
@@ -321,11 +714,37 @@ class TaskService:
                     session_id=session.id,
                     actor_issuer=session.principal.issuer,
                     actor_subject=session.principal.subject,
-                    attributes={
-                        "broker.scope": req.scope,
-                        "broker.principal.sub": session.principal.subject,
-                        "broker.refusal.code": code,
-                        "broker.refusal.detail": detail,
-                    },
+                    attributes=attributes,
                 ),
             )
+
+
+class ExpiryLoop:
+    """Runs :meth:`TaskService.expire_due` every ``interval`` seconds in a background thread.
+
+    Reads expire lapsed tasks lazily too; the loop makes expiry (and its webhook) happen on time
+    even when nobody looks. Every replica may run it.
+    """
+
+    def __init__(self, tasks: TaskService, interval: float) -> None:
+        self.tasks = tasks
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                try:
+                    self.tasks.expire_due()
+                except Exception:
+                    log.exception("task expiry pass failed")
+
+        self._thread = threading.Thread(target=loop, name="broker-task-expiry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

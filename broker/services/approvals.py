@@ -1,0 +1,437 @@
+"""Approvers decide pending tasks: list what they may decide, approve or deny with a reason.
+
+Who may decide a task: a principal with the ``approver`` role, whose claims satisfy the
+template's ``approval.approvers`` conditions, who is not the requester (same issuer and subject).
+A task needs ``approval.count`` distinct such principals to approve it; a single denial denies it.
+
+Each decision is bound to the task's binding hash and template version, and counts only while
+it is younger than ``approval.approval_ttl``: an approval that went stale while the others were
+awaited no longer counts (its author may approve again). When the template changed since the
+request, an approval is refused and the task denied (it can never be approved as requested).
+
+Concurrency: every decision locks the task row (``FOR UPDATE`` on PostgreSQL; SQLite serialises
+writers), writes the approval (unique per task and approver) and moves the task compare-and-set,
+so two approvers deciding at once both count, and a denial racing an approval leaves one outcome.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from broker.domain.audit import AuditEvent, EventName, Outcome, new_trace_id
+from broker.domain.ids import new_id
+from broker.domain.principal import Principal
+from broker.domain.records import Approval, Session, Task
+from broker.domain.task import (
+    APPROVE,
+    DENY,
+    Tally,
+    TaskState,
+    condition_claims,
+    tally,
+    task_binding,
+)
+from broker.errors import (
+    BrokerError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    ValidationFailed,
+)
+from broker.scopes.loader import LoadedTemplate, ScopeCatalog
+from broker.services.common import Clock, record
+from broker.services.tasks import (
+    Notifier,
+    TaskService,
+    audit_decision,
+    audit_task_refusal,
+    end_task,
+    lapsed,
+    task_attributes,
+)
+from broker.store import Database, Tx, repo
+
+APPROVER_ROLE = "approver"
+MAX_REASON = 1000
+#: Pending tasks looked at per listing.
+LIST_SCAN = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalView:
+    """A task as an approver sees it: what is asked, by whom, who decided, and whether I may."""
+
+    task: Task
+    template: LoadedTemplate | None
+    approvals: tuple[Approval, ...]
+    counted: Tally | None
+    requester_name: str | None
+    may_decide: bool
+    why_not: str | None
+
+    @property
+    def template_changed(self) -> bool:
+        return self.template is None or self.template.content_hash != self.task.template_hash
+
+
+def check_reason(reason: Any) -> str:
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
+        raise ValidationFailed(
+            f"a decision needs a reason of 1 to {MAX_REASON} characters", code="invalid_reason"
+        )
+    return reason.strip()
+
+
+class ApprovalService:
+    """Lists and decides pending tasks for approvers."""
+
+    def __init__(
+        self,
+        db: Database,
+        catalog: ScopeCatalog,
+        tasks: TaskService,
+        notifier: Notifier,
+        clock: Clock,
+    ) -> None:
+        self.db = db
+        self.catalog = catalog
+        self.tasks = tasks
+        self.notifier = notifier
+        self.clock = clock
+
+    # --- who may decide ---------------------------------------------------------------------
+
+    def _template(self, scope: str) -> LoadedTemplate | None:
+        try:
+            return self.catalog.get(scope)
+        except NotFound:
+            return None
+
+    @staticmethod
+    def _eligibility(
+        principal: Principal,
+        task: Task,
+        loaded: LoadedTemplate | None,
+        requester_claims: dict[str, Any],
+    ) -> BrokerError | None:
+        """Why ``principal`` may not decide ``task`` (None: they may)."""
+        if principal.key == task.requester:
+            return Forbidden("the requester of a task can never decide it", code="self_approval")
+        if not principal.has_role(APPROVER_ROLE):
+            return Forbidden("you do not hold the approver role", code="not_an_approver")
+        if loaded is None:
+            return None  # checked by the caller: the template is gone or changed
+        rule = loaded.template.approval
+        if rule.approvers is None:
+            return Forbidden("this scope is approved automatically", code="not_an_approver")
+        verdict = rule.approvers.evaluate(condition_claims(principal), requester_claims)
+        if not verdict:
+            return Forbidden(
+                f"you may not approve {task.scope!r}: {verdict.reason}",
+                code="not_an_eligible_approver",
+            )
+        return None
+
+    @staticmethod
+    def _requester_claims(conn: Tx, task: Task) -> tuple[dict[str, Any], str | None]:
+        session = repo.get_session(conn, task.session_id)
+        if session is None:
+            return {}, None
+        return condition_claims(session.principal), session.principal.display_name
+
+    def _require_approver(self, session: Session) -> None:
+        if not session.principal.has_role(APPROVER_ROLE):
+            raise Forbidden("you do not hold the approver role", code="not_an_approver")
+
+    # --- read -----------------------------------------------------------------------------
+
+    def _view(self, conn: Tx, principal: Principal, task: Task, now: float) -> ApprovalView:
+        loaded = self._template(task.scope)
+        claims, name = self._requester_claims(conn, task)
+        approvals = tuple(repo.approvals_for(conn, task.id))
+        counted = (
+            tally(
+                approvals,
+                task=task,
+                required=task.approvals_required,
+                approval_ttl=loaded.template.approval.approval_ttl,
+                now=now,
+            )
+            if loaded is not None
+            else None
+        )
+        refusal = self._eligibility(principal, task, loaded, claims)
+        why_not = refusal.detail if refusal else None
+        if why_not is None and task.state is not TaskState.PENDING:
+            why_not = f"the task is {task.state.value}"
+        if why_not is None and (loaded is None or loaded.content_hash != task.template_hash):
+            why_not = "the scope template changed since the request"
+        if (
+            why_not is None
+            and counted is not None
+            and any((a.issuer, a.subject) == principal.key for a in counted.counted)
+        ):
+            why_not = "you already approved this task"
+        return ApprovalView(task, loaded, approvals, counted, name, why_not is None, why_not)
+
+    def pending_for(self, session: Session, *, limit: int = 100) -> list[ApprovalView]:
+        """The pending tasks the caller may decide now, oldest first (they expire first)."""
+        self._require_approver(session)
+        self.tasks.expire_due()
+        now = self.clock()
+        with self.db.read() as conn:
+            pending = repo.list_tasks(conn, states=[TaskState.PENDING], limit=LIST_SCAN)
+            views = [self._view(conn, session.principal, t, now) for t in reversed(pending)]
+        return [v for v in views if v.may_decide][:limit]
+
+    def view(self, session: Session, task_id: str) -> ApprovalView:
+        """One task as an approver sees it (any state), if the caller is an approver."""
+        self._require_approver(session)
+        self.tasks.expire_due(ids=[task_id])
+        now = self.clock()
+        with self.db.read() as conn:
+            task = repo.get_task(conn, task_id)
+            if task is None or task.approvals_required == 0:
+                raise NotFound("no such task awaiting approvers", code="unknown_task")
+            return self._view(conn, session.principal, task, now)
+
+    # --- decide ---------------------------------------------------------------------------
+
+    def approve(self, session: Session, task_id: str, reason: str) -> Task:
+        return self.decide(session, task_id, approve=True, reason=reason)
+
+    def deny(self, session: Session, task_id: str, reason: str) -> Task:
+        return self.decide(session, task_id, approve=False, reason=reason)
+
+    def decide(self, session: Session, task_id: str, *, approve: bool, reason: str) -> Task:
+        """Record one approver's decision; the task is decided once the rule is met (or denied)."""
+        reason = check_reason(reason)
+        now = self.clock()
+        refusal: BrokerError | None = None
+        decided: Task | None = None
+        with self.db.write() as conn:
+            task = repo.get_task(conn, task_id, for_update=True)
+            if task is None or task.approvals_required == 0:
+                refusal = NotFound("no such task awaiting approvers", code="unknown_task")
+                self._audit_refused(conn, session, None, refusal, now, approve)
+            else:
+                decided, refusal = self._decide_locked(
+                    conn, session, task, approve=approve, reason=reason, now=now
+                )
+        if refusal is not None:
+            raise refusal
+        assert decided is not None
+        return decided
+
+    def _decide_locked(
+        self, conn: Tx, session: Session, task: Task, *, approve: bool, reason: str, now: float
+    ) -> tuple[Task, BrokerError | None]:
+        principal = session.principal
+        loaded = self._template(task.scope)
+        requester_claims, _ = self._requester_claims(conn, task)
+        refusal = self._eligibility(principal, task, loaded, requester_claims)
+        if refusal is None and task.state is TaskState.PENDING and lapsed(task, now):
+            done = end_task(
+                conn,
+                task,
+                TaskState.EXPIRED,
+                now,
+                reason="the request expired",
+                rule="request_ttl",
+                event=EventName.TASK_EXPIRE,
+            )
+            self.notifier.enqueue(conn, "task.expired", done, loaded.template if loaded else None)
+            refusal = Conflict("the request has expired", code="request_expired")
+        elif refusal is None and task.state is not TaskState.PENDING:
+            refusal = Conflict(
+                f"the task is already {task.state.value}",
+                code="already_decided",
+                extra={"state": task.state.value},
+            )
+        elif (
+            refusal is None
+            and approve
+            and (loaded is None or loaded.content_hash != task.template_hash)
+        ):
+            # It can never be approved as requested: deny it so nobody waits on it.
+            done = end_task(
+                conn,
+                task,
+                TaskState.DENIED,
+                now,
+                reason="the scope template changed after the request; request it again",
+                rule="template_changed",
+                event=EventName.TASK_DECISION,
+            )
+            self.notifier.enqueue(conn, "task.denied", done, loaded.template if loaded else None)
+            refusal = PreconditionFailed(
+                "the scope template changed after the request; the task was denied",
+                code="template_changed",
+            )
+        if refusal is not None:
+            self._audit_refused(conn, session, task, refusal, now, approve)
+            return task, refusal
+        # Only a denial gets here when the template is gone or changed (an approval was refused).
+        template = loaded.template if loaded is not None else None
+        approval_ttl = template.approval.approval_ttl if template is not None else 0
+        approval = Approval(
+            id=new_id("apr"),
+            task_id=task.id,
+            issuer=principal.issuer,
+            subject=principal.subject,
+            display_name=principal.display_name,
+            decision=APPROVE if approve else DENY,
+            reason=reason,
+            template_hash=task.template_hash,
+            created_at=now,
+            binding_hash=task_binding(task),
+        )
+        if not repo.insert_approval(conn, approval):
+            earlier = next(
+                a
+                for a in repo.approvals_for(conn, task.id)
+                if (a.issuer, a.subject) == principal.key
+            )
+            stale = earlier.decision == APPROVE and now >= earlier.created_at + approval_ttl
+            if not stale:
+                refusal = Conflict("you already decided this task", code="already_decided")
+                self._audit_refused(conn, session, task, refusal, now, approve)
+                return task, refusal
+            # A stale approval may be renewed (or turned into a denial) by its author.
+            approval = replace(approval, id=earlier.id)
+            repo.update_approval(
+                conn,
+                earlier.id,
+                decision=approval.decision,
+                reason=reason,
+                template_hash=approval.template_hash,
+                binding_hash=approval.binding_hash,
+                created_at=now,
+                display_name=approval.display_name,
+            )
+        self._audit_approval(conn, session, task, approval)
+        if not approve:
+            task = self._settle(
+                conn,
+                task,
+                TaskState.DENIED,
+                now,
+                rule=f"denied by approver {principal.subject}",
+                reason=reason,
+            )
+            audit_decision(conn, task, approval)
+            self.notifier.enqueue(conn, "task.denied", task, template)
+            return task, None
+        assert template is not None  # approving under a gone or changed template was refused
+        approvals = repo.approvals_for(conn, task.id)
+        counted = tally(
+            approvals,
+            task=task,
+            required=task.approvals_required,
+            approval_ttl=approval_ttl,
+            now=now,
+        )
+        if not counted.met:
+            return task, None
+        task = self._settle(
+            conn,
+            task,
+            TaskState.APPROVED,
+            now,
+            rule=(
+                f"approval.count={task.approvals_required}: approved by "
+                + ", ".join(counted.approvers())
+            ),
+            approval_expires_at=counted.expires_at,
+            decision_hash=task_binding(task),
+        )
+        audit_decision(conn, task, approval)
+        self.notifier.enqueue(conn, "task.approved", task, template, approvals=counted.counted)
+        return task, None
+
+    @staticmethod
+    def _settle(
+        conn: Tx, task: Task, state: TaskState, now: float, *, rule: str, **values: Any
+    ) -> Task:
+        values = {
+            "state": state,
+            "updated_at": now,
+            "decided_at": now,
+            "decided_by_rule": rule[:256],
+            **values,
+        }
+        if state is TaskState.DENIED:
+            values["ends_at"] = now
+        if not repo.update_task(conn, task.id, expect=TaskState.PENDING, **values):
+            # Impossible under the row lock; refuse rather than guess.
+            raise Conflict("the task changed meanwhile; read it again", code="task_changed")
+        return replace(task, **values)
+
+    # --- audit ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _audit_approval(conn: Tx, session: Session, task: Task, approval: Approval) -> None:
+        record(
+            conn,
+            AuditEvent(
+                name=EventName.TASK_APPROVAL,
+                outcome=Outcome.SUCCESS,
+                time=approval.created_at,
+                trace_id=task.trace_id,
+                parent_span_id=task.span_id,
+                session_id=session.id,
+                task_id=task.id,
+                actor_issuer=approval.issuer,
+                actor_subject=approval.subject,
+                attributes={
+                    **task_attributes(task),
+                    "broker.approval.id": approval.id,
+                    "broker.approval.decision": approval.decision,
+                    "broker.approval.reason": approval.reason,
+                    "broker.approval.binding": approval.binding_hash,
+                    "broker.approver.sub": approval.subject,
+                    "broker.approver.issuer": approval.issuer,
+                },
+            ),
+        )
+
+    @staticmethod
+    def _audit_refused(
+        conn: Tx,
+        session: Session,
+        task: Task | None,
+        error: BrokerError,
+        now: float,
+        approve: bool,
+    ) -> None:
+        principal = session.principal
+        if task is not None:
+            audit_task_refusal(
+                conn,
+                task,
+                error,
+                now,
+                name=EventName.TASK_APPROVAL,
+                actor=principal.key,
+                session_id=session.id,
+            )
+            return
+        record(
+            conn,
+            AuditEvent(
+                name=EventName.TASK_APPROVAL,
+                outcome=Outcome.DENIED,
+                time=now,
+                trace_id=new_trace_id(),
+                session_id=session.id,
+                actor_issuer=principal.issuer,
+                actor_subject=principal.subject,
+                attributes={
+                    "broker.approval.decision": APPROVE if approve else DENY,
+                    "broker.refusal.code": error.code,
+                    "broker.refusal.detail": error.detail,
+                },
+            ),
+        )
