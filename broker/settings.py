@@ -20,10 +20,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from broker.domain.conditions import ConditionSet
+from broker.domain.principal import Role
 from broker.domain.scope import RateWindow
 from broker.errors import ConfigurationError
-
-Role = Literal["agent", "approver", "auditor", "admin"]
 
 #: Algorithms the broker will ever accept on an ID token: asymmetric only.
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -42,38 +42,120 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-class ClaimMapping(BaseModel):
-    """Which claims of a verified token make up the principal."""
+#: A claim name, or a dotted path into nested claims (``kubernetes.io.namespace``).
+CLAIM_PATH = r"^[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*$"
+
+
+class RoleRule(BaseModel):
+    """Grant ``role`` to every principal of the issuer whose claims satisfy ``when``."""
 
     model_config = {"extra": "forbid"}
 
-    subject: str = "sub"
-    display_name: str | None = "name"
-    groups: str | None = "groups"
-    roles: str | None = None
+    role: Role
+    when: ConditionSet
+
+
+class ClaimMapping(BaseModel):
+    """Which claims of a verified token make up the principal (dotted paths reach nested claims)."""
+
+    model_config = {"extra": "forbid"}
+
+    subject: str = Field(default="sub", pattern=CLAIM_PATH)
+    display_name: str | None = Field(default="name", pattern=CLAIM_PATH)
+    groups: str | None = Field(default="groups", pattern=CLAIM_PATH)
+    #: A claim whose values name broker roles (agent, approver, auditor, admin); other values
+    #: are ignored.
+    roles: str | None = Field(default=None, pattern=CLAIM_PATH)
+    #: Roles granted when the claims satisfy conditions, e.g. approver for one IdP group.
+    role_rules: list[RoleRule] = Field(default_factory=list)
 
 
 class IssuerConfig(BaseModel):
-    """A trusted OIDC issuer. Identity is always the pair (issuer, subject)."""
+    """A trusted OIDC issuer. Identity is always the pair (issuer, subject).
+
+    A ``preset`` fills in the fields an entry leaves out (see :mod:`broker.oidc.presets` and
+    docs/authentication.md); what the entry says itself always wins.
+    """
 
     model_config = {"extra": "forbid"}
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    issuer: str = Field(min_length=1, max_length=2048)
-    audiences: list[str] = Field(min_length=1)
-    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"], min_length=1)
-    jwks_uri: str | None = None
     preset: Literal["generic", "github-actions", "gitlab-ci", "kubernetes", "dev"] = "generic"
+    #: Compared with the token's ``iss`` as an exact string: no case folding, no trailing-slash
+    #: tolerance, no prefix matching.
+    issuer: str = Field(min_length=1, max_length=2048)
+    #: The token's ``aud`` must name at least one of these and nothing else.
+    audiences: list[str] = Field(min_length=1, max_length=16)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"], min_length=1)
+    #: Where the keys are, when not through discovery: a URL, or a file (re-read like a URL).
+    jwks_uri: str | None = None
+    jwks_file: Path | None = None
+    #: Hosts besides the issuer's own that the discovery document may send the broker to for keys.
+    jwks_hosts: list[str] = Field(default_factory=list)
     required_claims: list[str] = Field(default_factory=list)
+    #: Refuse tokens issued (``iat``) longer ago than this many seconds.
     max_token_age: int | None = Field(default=None, gt=0)
+    #: Refuse tokens whose ``exp`` lies further ahead than this many seconds.
+    max_token_lifetime: int = Field(default=86_400, gt=0, le=366 * 86_400)
     leeway: int = Field(default=30, ge=0, le=60)
     claims: ClaimMapping = Field(default_factory=ClaimMapping)
     #: Roles granted to every principal of this issuer, in addition to claim-derived roles.
     roles: list[Role] = Field(default_factory=lambda: list[Role](["agent"]))
-    #: Trust conditions on claims; see docs/authentication.md.
-    trust: dict[str, Any] = Field(default_factory=dict)
+    #: Conditions every token of this issuer must satisfy; see docs/authentication.md.
+    trust: ConditionSet | None = None
+    #: ``audit`` records what the trust rules would have denied, without denying it.
     trust_mode: Literal["enforce", "audit"] = "enforce"
+    #: Every token must carry a ``jti``, and each is accepted once (across replicas).
     require_jti: bool = False
+    #: A cap on sessions of this issuer, below the global ``session_max_ttl``.
+    session_max_ttl: int | None = Field(default=None, gt=0, le=86_400)
+    #: Key cache: refresh period, unknown-kid refetch cooldown, how long the last good keys serve
+    #: while the issuer is unreachable, and the deadline of one fetch (all in seconds).
+    jwks_refresh: float = Field(default=300, ge=10, le=86_400)
+    jwks_cooldown: float = Field(default=5, ge=1, le=300)
+    jwks_max_stale: float = Field(default=3600, ge=60, le=7 * 86_400)
+    fetch_timeout: float = Field(default=5, gt=0, le=30)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        from broker.oidc.presets import apply_defaults
+
+        return apply_defaults(data)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, issuer: str) -> str:
+        parts = urlsplit(issuer)
+        if (
+            parts.scheme not in {"https", "http"}
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+            or any(c.isspace() for c in issuer)
+        ):
+            raise ValueError(
+                "issuer must be an absolute https URL without query, fragment or user info"
+            )
+        return issuer
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, audiences: list[str]) -> list[str]:
+        if any(not a or len(a) > 512 for a in audiences):
+            raise ValueError("audiences must be non-empty strings of at most 512 characters")
+        return audiences
+
+    @field_validator("required_claims")
+    @classmethod
+    def _claim_paths(cls, claims: list[str]) -> list[str]:
+        import re
+
+        bad = [c for c in claims if not re.fullmatch(CLAIM_PATH, c)]
+        if bad:
+            raise ValueError(f"required_claims {bad} are not claim names or dotted paths")
+        return claims
 
     @field_validator("algorithms")
     @classmethod
@@ -85,6 +167,34 @@ class IssuerConfig(BaseModel):
                 f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))}) may verify ID tokens"
             )
         return algorithms
+
+    @model_validator(mode="after")
+    def _coherent(self) -> IssuerConfig:
+        from broker.oidc.presets import tenant_problem
+
+        if self.jwks_uri is not None and self.jwks_file is not None:
+            raise ValueError("give jwks_uri or jwks_file, not both")
+        if self.jwks_max_stale <= self.jwks_refresh:
+            raise ValueError("jwks_max_stale must be longer than jwks_refresh")
+        problem = tenant_problem(self.preset, self.trust)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def transport_problems(self, *, dev_mode: bool) -> list[str]:
+        """Plain http is for loopback issuers in dev mode only."""
+        problems = []
+        for what, url in (("issuer", self.issuer), ("jwks_uri", self.jwks_uri)):
+            if url is None or urlsplit(url).scheme == "https":
+                continue
+            if not dev_mode:
+                problems.append(f"issuer {self.name!r} has an {what} without https")
+            elif not is_loopback_url(url):
+                problems.append(
+                    f"issuer {self.name!r} has a plain-http {what} that is not loopback "
+                    "(even dev mode allows http only on this machine)"
+                )
+        return problems
 
 
 class VaultSettings(BaseModel):
@@ -241,6 +351,10 @@ class Settings(BaseSettings):
     def _production_rules(self) -> Settings:
         if not self.dev_mode:
             self.check_production()
+        else:
+            loose = [p for iss in self.issuers for p in iss.transport_problems(dev_mode=True)]
+            if loose:
+                raise ValueError("; ".join(loose))
         return self
 
     def check_production(self) -> None:
@@ -282,8 +396,11 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
+        from broker.config_locations import config_location
+
         lines = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"  {where}: {err['msg']}")
+            source = config_location(err["loc"], overrides=overrides)
+            lines.append(f"  {source + ': ' if source else ''}{where}: {err['msg']}")
         raise ConfigurationError("invalid settings:\n" + "\n".join(lines)) from None

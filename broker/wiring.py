@@ -110,7 +110,9 @@ def build_broker(
     db = Database(settings.effective_database_url)
     catalog = ScopeCatalog(settings.scopes_dir, check_interval=settings.scopes_reload_interval)
     http = http or httpx.Client(timeout=httpx.Timeout(5.0), follow_redirects=False)
-    verifier = TokenVerifier(settings.issuers, http)
+    verifier = TokenVerifier(
+        settings.issuers, http, clock=clock, allow_http_loopback=settings.dev_mode
+    )
     backends = default_backends(settings) if backends is None else backends
     revoker = Revoker(db, backends, clock)
     notifier = WebhookNotifier(settings, db, clock)

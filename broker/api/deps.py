@@ -25,16 +25,23 @@ BrokerDep = Annotated[Broker, Depends(get_broker)]
 def current_session(
     broker: BrokerDep, authorization: Annotated[str | None, Header()] = None
 ) -> Session:
+    """The caller's live session; every refusal is audited (with the token's hash, not the token)."""
     if not authorization:
-        raise AuthenticationFailed(
+        error = AuthenticationFailed(
             "send your session token as 'Authorization: Bearer ...'", code="missing_token"
         )
+        broker.sessions.audit_failure(error, presented=None, what="session")
+        raise error
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > MAX_BEARER:
-        raise AuthenticationFailed(
+        error = AuthenticationFailed(
             "the Authorization header must be 'Bearer <session token>'", code="invalid_session"
         )
+        broker.sessions.audit_failure(
+            error, presented=authorization, what="session", reason="malformed_authorization"
+        )
+        raise error
     return broker.sessions.resolve(token)
 
 

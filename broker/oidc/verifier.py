@@ -1,193 +1,250 @@
-"""Verify ID tokens from trusted issuers.
+"""Verify ID tokens from trusted issuers, in numbered steps.
 
-Steps, in order: (1) read the unverified ``iss`` only to look it up among configured issuers
-(an unknown issuer is refused before anything is fetched); (2) verify the signature with a key
-from that issuer's JWKS, chosen by ``kid``, with the issuer's algorithm allow-list; (3) verify
-``iss``, ``aud``, ``exp``, ``nbf``, ``iat`` with the configured leeway; (4) map the claims to a
-:class:`~broker.domain.principal.Principal`.
+1. Parse strictly (:mod:`broker.oidc.jose`): size, shape, canonical base64url, strict JSON.
+2. Read the unverified ``iss`` only to look it up, as an exact string, among the configured
+   issuers. An unknown issuer is refused here, before anything is fetched.
+3. Check the header: ``alg`` on the issuer's allow-list (asymmetric only, so never ``none`` or
+   HMAC), no ``crit`` (the broker implements no JWS extension), a sane ``kid``. The headers that
+   name keys or key locations (``jku``, ``x5u``, ``jwk``, ``x5c``) are never read.
+4. Find the key among the issuer's own published keys (:class:`~broker.oidc.jwks.JwksCache`),
+   by ``kid`` and fitting the algorithm, and verify the signature.
+5. Verify the claims: ``exp``, ``nbf``, ``iat`` as finite numbers within the leeway, the token's
+   lifetime and age, ``aud`` naming this broker and nothing else, the subject, required claims,
+   and a ``jti`` when the issuer wants one-time tokens.
+6. Apply the issuer's trust rules (enforced, or recorded in audit mode).
+7. Map the claims to a :class:`~broker.domain.principal.Principal` with its roles.
+
+Every refusal is a :class:`~broker.oidc.errors.TokenRefused` with a stable reason; an issuer
+that cannot be reached is :class:`~broker.oidc.errors.IssuerUnavailable`.
 """
 
 from __future__ import annotations
 
-import json
-import threading
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
-import jwt
-from jwt import PyJWK
 
+from broker.domain.conditions import claim_value
 from broker.domain.principal import Principal
-from broker.errors import AuthenticationFailed, ServiceUnavailable
+from broker.oidc.errors import TokenRefused
+from broker.oidc.jose import MAX_TOKEN_BYTES, MalformedInput, parse_compact
+from broker.oidc.jwks import JwksCache, key_source_for
+from broker.oidc.trust import TrustDecision, evaluate_trust, principal_of, subject_of
 from broker.settings import IssuerConfig
 
-MAX_TOKEN_BYTES = 16 * 1024
-MAX_DOCUMENT_BYTES = 512 * 1024
+MAX_KID = 256
+MAX_JTI = 256
+MAX_AUDIENCES = 16
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
+    """A token that passed every check, and what it established."""
+
     principal: Principal
     claims: dict[str, Any]
     issuer: IssuerConfig
     expires_at: float
     jti: str | None
+    trust: TrustDecision
 
 
-def _refuse(reason: str, message: str, **extra: Any) -> AuthenticationFailed:
-    return AuthenticationFailed(
-        message, code="invalid_token", internal=reason, extra={"reason": reason, **extra}
-    )
+def _claimed(value: Any) -> str:
+    """An unverified claim, shortened and made printable for the audit record."""
+    text = value if isinstance(value, str) else repr(value)
+    return "".join(c if c.isprintable() else "?" for c in text[:256])
 
 
-class JwksCache:
-    """Keys of one issuer, fetched through discovery (or a configured ``jwks_uri``)."""
+def _present(value: Any) -> bool:
+    """A claim is present when it holds a JSON value other than null."""
+    return value is not None and isinstance(value, (str, int, float, bool, list, dict))
 
-    def __init__(
-        self, issuer: IssuerConfig, http: httpx.Client, *, refetch_cooldown: float = 5.0
-    ) -> None:
-        self.issuer = issuer
-        self.http = http
-        self.refetch_cooldown = refetch_cooldown
-        self._keys: dict[str, PyJWK] = {}
-        self._fetched_at = 0.0
-        self._lock = threading.Lock()
-        self.fetch_count = 0
 
-    def _get_json(self, url: str) -> dict[str, Any]:
-        with self.http.stream("GET", url, follow_redirects=False) as response:
-            if response.status_code != 200:
-                raise ServiceUnavailable(
-                    "the token issuer could not be reached",
-                    code="issuer_unavailable",
-                    internal=f"{url}: HTTP {response.status_code}",
-                )
-            body = b""
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_DOCUMENT_BYTES:
-                    raise ServiceUnavailable(
-                        "the token issuer sent an oversized document", code="issuer_unavailable"
-                    )
-        value = json.loads(body)
-        if not isinstance(value, dict):
-            raise ServiceUnavailable(
-                "the token issuer sent an invalid document", code="issuer_unavailable"
-            )
-        return value
-
-    def _jwks_uri(self) -> str:
-        if self.issuer.jwks_uri:
-            return self.issuer.jwks_uri
-        doc = self._get_json(self.issuer.issuer.rstrip("/") + "/.well-known/openid-configuration")
-        if doc.get("issuer") != self.issuer.issuer:
-            raise ServiceUnavailable(
-                "the issuer's discovery document names another issuer", code="issuer_mismatch"
-            )
-        uri = doc.get("jwks_uri")
-        if not isinstance(uri, str):
-            raise ServiceUnavailable(
-                "the issuer's discovery document has no jwks_uri", code="issuer_unavailable"
-            )
-        return uri
-
-    def _fetch(self) -> None:
-        try:
-            jwks = self._get_json(self._jwks_uri())
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailable(
-                "the token issuer could not be reached",
-                code="issuer_unavailable",
-                internal=repr(exc),
-            ) from None
-        keys: dict[str, PyJWK] = {}
-        for data in jwks.get("keys", []):
-            if not isinstance(data, dict) or data.get("use", "sig") != "sig":
-                continue
-            try:
-                key = PyJWK(data)
-            except jwt.PyJWTError:
-                continue  # keys of types we do not support are skipped, not fatal
-            keys[str(data.get("kid", ""))] = key
-        self._keys = keys
-        self._fetched_at = time.monotonic()
-        self.fetch_count += 1
-
-    def key(self, kid: str) -> PyJWK:
-        if kid in self._keys:
-            return self._keys[kid]
-        with self._lock:
-            if (
-                kid not in self._keys
-                and time.monotonic() - self._fetched_at >= self.refetch_cooldown
-            ):
-                self._fetch()
-        if kid not in self._keys:
-            raise _refuse("unknown_kid", "the token was signed with an unknown key")
-        return self._keys[kid]
+def _number(claims: dict[str, Any], name: str, issuer: str, *, required: bool) -> float | None:
+    value = claims.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise TokenRefused("missing_claim", issuer=issuer, claim=name)
+        return None
+    # bool is an int in Python; 1e400 parses as inf; both are nonsense here. Integers are kept as
+    # they are (a 400-digit exp compares fine, it would only overflow a float).
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TokenRefused("invalid_claim", issuer=issuer, claim=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TokenRefused("invalid_claim", issuer=issuer, claim=name)
+    if value < 0:
+        raise TokenRefused("invalid_claim", issuer=issuer, claim=name)
+    return value
 
 
 class TokenVerifier:
-    """Verifies ID tokens of the configured issuers."""
+    """Verifies ID tokens of the configured issuers (and fetches keys of those issuers only)."""
 
-    def __init__(self, issuers: list[IssuerConfig], http: httpx.Client) -> None:
+    def __init__(
+        self,
+        issuers: list[IssuerConfig],
+        http: httpx.Client,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        allow_http_loopback: bool = False,
+    ) -> None:
         self.issuers = {i.issuer: i for i in issuers}
-        self.jwks = {i.issuer: JwksCache(i, http) for i in issuers}
+        self.clock = clock
+        self.jwks = {
+            i.issuer: JwksCache(
+                i,
+                key_source_for(
+                    i, http, allow_http_loopback=allow_http_loopback, monotonic=monotonic
+                ),
+                monotonic=monotonic,
+            )
+            for i in issuers
+        }
 
     def verify(self, token: str) -> VerifiedToken:
+        """Verify ``token`` or raise ``TokenRefused`` / ``IssuerUnavailable``."""
+        # Step 1: parse.
         if len(token) > MAX_TOKEN_BYTES:
-            raise _refuse("oversized", "the token is too large")
-        # Step 1: the unverified issuer only selects among configured issuers.
+            raise TokenRefused("token_too_large")
         try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
-            raise _refuse("malformed", "the token is not a well-formed JWT") from None
-        issuer = self.issuers.get(str(unverified.get("iss", "")))
+            jws = parse_compact(token)
+        except MalformedInput as exc:
+            raise TokenRefused("malformed_token", internal=str(exc)) from None
+        header, claims = jws.header, jws.claims
+        claimed = {"iss": _claimed(claims.get("iss")), "sub": _claimed(claims.get("sub"))}
+
+        # Step 2: the issuer, by exact string.
+        iss = claims.get("iss")
+        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
-            raise _refuse("unknown_issuer", "the token's issuer is not trusted")
+            raise TokenRefused("unknown_issuer", claimed=claimed)
+        name = issuer.issuer
+
+        # Step 3: the header.
         alg = header.get("alg")
-        if alg not in issuer.algorithms:
-            raise _refuse(
-                "algorithm_not_allowed", "the token's algorithm is not allowed for its issuer"
+        if not isinstance(alg, str) or alg not in issuer.algorithms:
+            raise TokenRefused(
+                "algorithm_not_allowed", issuer=name, claimed=claimed, internal=_claimed(alg)
             )
-        # Step 2: signature, with a key of that issuer only.
-        key = self.jwks[issuer.issuer].key(str(header.get("kid", "")))
-        # Step 3: claims.
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key=key,
-                algorithms=[alg],
-                audience=issuer.audiences,
-                issuer=issuer.issuer,
-                leeway=issuer.leeway,
-                options={"require": ["iss", "sub", "aud", "exp", "iat"]},
+        if "crit" in header:
+            raise TokenRefused(
+                "unsupported_critical_header",
+                issuer=name,
+                claimed=claimed,
+                internal=_claimed(header["crit"]),
             )
-        except jwt.ExpiredSignatureError:
-            raise _refuse("expired", "the token has expired") from None
-        except jwt.InvalidAudienceError:
-            raise _refuse("audience", "the token is not meant for this broker") from None
-        except jwt.PyJWTError as exc:
-            raise _refuse(
-                "invalid", "the token could not be verified", detail=type(exc).__name__
-            ) from None
-        # Step 4: the principal.
-        mapping = issuer.claims
-        subject = claims.get(mapping.subject)
-        if not isinstance(subject, str) or not subject:
-            raise _refuse("no_subject", "the token names no subject")
-        groups = claims.get(mapping.groups) if mapping.groups else None
-        principal = Principal(
-            issuer=issuer.issuer,
-            subject=subject,
-            display_name=str(claims.get(mapping.display_name))
-            if mapping.display_name and claims.get(mapping.display_name)
-            else None,
-            groups=tuple(str(g) for g in groups) if isinstance(groups, list) else (),
-            roles=frozenset(issuer.roles),
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID):
+            raise TokenRefused("malformed_token", issuer=name, claimed=claimed, internal="bad kid")
+
+        # Step 4: the key and the signature.
+        keys = self.jwks[name].keys_for(kid, alg)
+        if not keys:
+            raise TokenRefused(
+                "unknown_key", issuer=name, claimed=claimed, internal=f"kid {_claimed(kid)}"
+            )
+        if not any(k.verify(alg, jws.signing_input, jws.signature) for k in keys):
+            raise TokenRefused("invalid_signature", issuer=name, claimed=claimed)
+
+        # From here on the claims are the issuer's word.
+        subject = subject_of(issuer, claims)
+        expires_at = self._check_claims(issuer, claims, subject)
+        assert subject is not None  # _check_claims refuses a token without one
+
+        # Step 6: trust rules.
+        trust = evaluate_trust(issuer, claims)
+        if not trust.admitted:
+            raise TokenRefused(
+                "untrusted_token", issuer=name, subject=subject, internal=trust.verdict.reason
+            )
+
+        # Step 7: the principal.
+        jti = claims.get("jti")
+        return VerifiedToken(
+            principal=principal_of(issuer, subject, claims),
             claims=claims,
+            issuer=issuer,
+            expires_at=expires_at,
+            jti=jti if isinstance(jti, str) else None,
+            trust=trust,
         )
-        return VerifiedToken(principal, claims, issuer, float(claims["exp"]), claims.get("jti"))
+
+    def _check_claims(
+        self, issuer: IssuerConfig, claims: dict[str, Any], subject: str | None
+    ) -> float:
+        """Step 5; returns ``exp`` as a float once it is known to be sane."""
+        exp = self._check_times(issuer, claims, subject)
+        _check_audience(issuer, claims, subject)
+
+        def refuse(reason: str, claim: str) -> NoReturn:
+            raise TokenRefused(reason, issuer=issuer.issuer, subject=subject, claim=claim)
+
+        if subject is None:
+            present = _present(claim_value(claims, issuer.claims.subject))
+            refuse("invalid_claim" if present else "missing_claim", issuer.claims.subject)
+        for required in issuer.required_claims:
+            if not _present(claim_value(claims, required)):
+                refuse("missing_claim", required)
+        jti = claims.get("jti")
+        if jti is not None and (not isinstance(jti, str) or not jti or len(jti) > MAX_JTI):
+            refuse("invalid_claim", "jti")
+        if issuer.require_jti and jti is None:
+            refuse("missing_claim", "jti")
+        return exp
+
+    def _check_times(
+        self, issuer: IssuerConfig, claims: dict[str, Any], subject: str | None
+    ) -> float:
+        """``exp``, ``nbf`` and ``iat`` against the clock, with the issuer's leeway."""
+        name, now, leeway = issuer.issuer, self.clock(), issuer.leeway
+
+        def refuse(reason: str, claim: str | None = None, internal: str | None = None) -> NoReturn:
+            raise TokenRefused(reason, issuer=name, subject=subject, claim=claim, internal=internal)
+
+        exp = _number(claims, "exp", name, required=True)
+        iat = _number(claims, "iat", name, required=True)
+        nbf = _number(claims, "nbf", name, required=False)
+        assert exp is not None
+        assert iat is not None
+        if exp <= now - leeway:
+            refuse("token_expired")
+        if exp > now + issuer.max_token_lifetime:
+            refuse("token_lifetime_too_long", internal=f"exp {str(exp)[:40]} is far ahead")
+        if nbf is not None and nbf > now + leeway:
+            refuse("token_not_yet_valid", "nbf")
+        if iat > now + leeway:
+            refuse("token_not_yet_valid", "iat")
+        if exp < iat:
+            refuse("invalid_claim", "exp", "exp before iat")
+        if issuer.max_token_age is not None and now - iat > issuer.max_token_age + leeway:
+            refuse("token_too_old")
+        return float(exp)
+
+
+def _check_audience(issuer: IssuerConfig, claims: dict[str, Any], subject: str | None) -> None:
+    """``aud`` must name this broker, and only audiences this broker answers to."""
+
+    def refuse(reason: str, claim: str | None = None) -> NoReturn:
+        raise TokenRefused(reason, issuer=issuer.issuer, subject=subject, claim=claim)
+
+    aud = claims.get("aud")
+    if aud is None:
+        refuse("missing_claim", "aud")
+    audiences = [aud] if isinstance(aud, str) else aud
+    if (
+        not isinstance(audiences, list)
+        or not audiences
+        or len(audiences) > MAX_AUDIENCES
+        or not all(isinstance(a, str) for a in audiences)
+    ):
+        refuse("invalid_claim", "aud")
+    # Every audience must be ours: a token also meant for another service could be replayed
+    # by that service to us (OpenID Connect Core 3.1.3.7, step 3).
+    if not set(audiences) <= set(issuer.audiences):
+        refuse("audience_mismatch")

@@ -1,14 +1,23 @@
-"""Agent and human sessions: exchange a verified ID token for an opaque session token."""
+"""Agent and human sessions: exchange a verified ID token for an opaque session token.
+
+A session token is ``brk_sess_`` plus 256 random bits; only its SHA-256 is stored. A session
+lives no longer than the ID token it came from, the global ``session_max_ttl`` and the issuer's
+own cap. Every refusal - a bad token, an unreachable issuer, a replayed ``jti``, an unknown or
+ended session - is audited as ``broker.auth.failure`` with the reason and the token's SHA-256,
+never the token.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_span_id, new_trace_id
 from broker.domain.ids import new_id, new_session_token, token_hash
 from broker.domain.records import Session
 from broker.errors import AuthenticationFailed, BrokerError, Conflict
+from broker.oidc.errors import TokenRefused
 from broker.oidc.verifier import TokenVerifier, VerifiedToken
 from broker.services.common import Clock, TraceContext, record
 from broker.settings import Settings
@@ -19,8 +28,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class IssuedSession:
+    """A new session and its token (shown once to the caller, never stored)."""
+
     session: Session
-    token: str  # shown once to the caller, never stored
+    token: str
 
 
 class SessionService:
@@ -34,6 +45,8 @@ class SessionService:
         self.verifier = verifier
         self.clock = clock
 
+    # --- refusals -------------------------------------------------------------------------
+
     def audit_failure(
         self,
         error: BrokerError,
@@ -42,56 +55,101 @@ class SessionService:
         issuer: str | None = None,
         subject: str | None = None,
         what: str = "token",
+        reason: str | None = None,
+        trace: TraceContext | None = None,
     ) -> None:
-        """Record a refused authentication: reason and a hash of what was presented, never itself."""
-        now = self.clock()
+        """Record a refused authentication: reason and a hash of what was presented, never itself.
+
+        ``issuer`` and ``subject`` default to what a :class:`TokenRefused` knows: the configured
+        issuer the token named and, once its signature was verified, the subject. Unverified
+        values go to ``broker.auth.claimed_*`` attributes, never into the actor fields.
+        """
+        issuer = issuer or getattr(error, "issuer", None)
+        subject = subject or getattr(error, "subject", None)
+        attributes: dict[str, Any] = {
+            "broker.auth.reason": reason or str(getattr(error, "reason", None) or error.code),
+            "broker.auth.code": error.code,
+            "broker.auth.status": error.status,
+            "broker.auth.credential_type": what,
+            "broker.auth.token_sha256": token_hash(presented) if presented else None,
+        }
+        if issuer:
+            attributes["broker.issuer"] = issuer
+        if subject:
+            attributes["broker.principal.sub"] = subject
+        if error.internal:
+            attributes["broker.auth.detail"] = error.internal[:500]
+        if isinstance(error, TokenRefused):
+            for key, value in error.claimed.items():
+                attributes[f"broker.auth.claimed_{key}"] = value
+            if error.extra.get("claim"):
+                attributes["broker.auth.claim"] = error.extra["claim"]
         event = AuditEvent(
             name=EventName.AUTH_FAILURE,
             outcome=Outcome.DENIED,
-            time=now,
-            trace_id=new_trace_id(),
+            time=self.clock(),
+            trace_id=trace.trace_id if trace else new_trace_id(),
+            parent_span_id=trace.span_id if trace else None,
             actor_issuer=issuer,
             actor_subject=subject,
-            attributes={
-                "broker.auth.reason": str(error.extra.get("reason", error.code)),
-                "broker.auth.code": error.code,
-                "broker.auth.credential_type": what,
-                "broker.auth.token_sha256": token_hash(presented) if presented else None,
-            },
+            attributes=attributes,
+        )
+        log.info(
+            "authentication refused: %s (%s, issuer=%s, token sha256=%s)",
+            attributes["broker.auth.reason"],
+            what,
+            issuer,
+            attributes["broker.auth.token_sha256"],
         )
         try:
             with self.db.write() as conn:
                 record(conn, event)
         except BrokerError:
+            # The refusal stands either way; failing to record it must not turn it into a 5xx.
             log.exception("could not audit an authentication failure")
 
+    # --- exchange -------------------------------------------------------------------------
+
     def exchange(self, id_token: str, trace: TraceContext | None = None) -> IssuedSession:
-        """Verify an ID token and open a session bounded by its expiry and the configured cap."""
+        """Verify an ID token and open a session bounded by its expiry and the configured caps."""
         try:
             verified = self.verifier.verify(id_token)
-        except AuthenticationFailed as exc:
-            self.audit_failure(exc, presented=id_token)
+        except BrokerError as exc:  # TokenRefused, IssuerUnavailable
+            self.audit_failure(exc, presented=id_token, trace=trace)
             raise
         now = self.clock()
         principal = verified.principal
-        expires_at = min(verified.expires_at, now + self.settings.session_max_ttl)
-        token = new_session_token()
+        cap = self.settings.session_max_ttl
+        if verified.issuer.session_max_ttl is not None:
+            cap = min(cap, verified.issuer.session_max_ttl)
         session = Session(
             id=new_id("ses"),
             principal=principal,
             created_at=now,
-            expires_at=expires_at,
+            expires_at=min(verified.expires_at, now + cap),
             ended_at=None,
             trace_id=trace.trace_id if trace else new_trace_id(),
             span_id=new_span_id(),
         )
+        token = new_session_token()
         try:
-            self._open(session, token, verified, id_token, trace, now)
+            self._open(session, token, verified, id_token, trace)
         except AuthenticationFailed as exc:
             self.audit_failure(
-                exc, presented=id_token, issuer=principal.issuer, subject=principal.subject
+                exc,
+                presented=id_token,
+                issuer=principal.issuer,
+                subject=principal.subject,
+                trace=trace,
             )
             raise
+        if verified.trust.audit_only_denial:
+            log.warning(
+                "issuer %s is in trust audit mode: session %s would have been denied (%s)",
+                verified.issuer.name,
+                session.id,
+                verified.trust.verdict.reason,
+            )
         return IssuedSession(session, token)
 
     def _open(
@@ -101,26 +159,40 @@ class SessionService:
         verified: VerifiedToken,
         id_token: str,
         trace: TraceContext | None,
-        now: float,
     ) -> None:
         principal = session.principal
-        expires_at = session.expires_at
+        issuer = verified.issuer
+        attributes: dict[str, Any] = {
+            "broker.principal.sub": principal.subject,
+            "broker.principal.roles": sorted(principal.roles),
+            "broker.issuer": principal.issuer,
+            "broker.issuer.name": issuer.name,
+            "broker.session.id": session.id,
+            "broker.session.expires_at": session.expires_at,
+            "broker.id_token.sha256": token_hash(id_token),
+        }
+        if verified.jti is not None:
+            attributes["broker.id_token.jti"] = verified.jti[:256]
+        if verified.trust.audit_only_denial:
+            attributes["broker.trust.mode"] = "audit"
+            attributes["broker.trust.would_deny"] = True
+            attributes["broker.trust.reason"] = verified.trust.verdict.reason[:500]
         with self.db.write() as conn:
+            # The jti is remembered in the same transaction as the session: if anything below
+            # fails, the token was not used and may be presented again.
             if (
-                verified.jti is not None
-                and verified.issuer.require_jti
+                issuer.require_jti
+                and verified.jti is not None
                 and not repo.remember_jti(
                     conn,
                     principal.issuer,
                     verified.jti,
-                    verified.expires_at + verified.issuer.leeway,
-                    now,
+                    verified.expires_at + issuer.leeway,
+                    session.created_at,
                 )
             ):
-                raise AuthenticationFailed(
-                    "this token was already used",
-                    code="invalid_token",
-                    extra={"reason": "replayed_jti"},
+                raise TokenRefused(
+                    "token_replayed", issuer=principal.issuer, subject=principal.subject
                 )
             repo.insert_session(conn, session, token_hash(token))
             record(
@@ -128,44 +200,47 @@ class SessionService:
                 AuditEvent(
                     name=EventName.SESSION_START,
                     outcome=Outcome.SUCCESS,
-                    time=now,
+                    time=session.created_at,
                     trace_id=session.trace_id,
                     span_id=session.span_id,
                     parent_span_id=trace.span_id if trace else None,
                     session_id=session.id,
                     actor_issuer=principal.issuer,
                     actor_subject=principal.subject,
-                    attributes={
-                        "broker.principal.sub": principal.subject,
-                        "broker.issuer": principal.issuer,
-                        "broker.session.id": session.id,
-                        "broker.session.expires_at": expires_at,
-                        "broker.id_token.sha256": token_hash(id_token),
-                    },
+                    attributes=attributes,
                 ),
             )
 
-    def resolve(self, bearer: str) -> Session:
-        """The live session behind a bearer token, or ``AuthenticationFailed``."""
+    # --- use ------------------------------------------------------------------------------
+
+    def resolve(self, bearer: str, trace: TraceContext | None = None) -> Session:
+        """The live session behind a bearer token, or ``AuthenticationFailed`` (audited)."""
         with self.db.read() as conn:
             session = repo.session_by_token_hash(conn, token_hash(bearer))
         if session is None or not session.live(self.clock()):
+            if session is None:
+                reason = "unknown_session"
+            elif session.ended_at is not None:
+                reason = "session_ended"
+            else:
+                reason = "session_expired"
             error = AuthenticationFailed(
-                "the session token is unknown, expired or ended",
-                code="invalid_session",
-                extra={"reason": "unknown_session" if session is None else "session_over"},
+                "the session token is unknown, expired or ended", code="invalid_session"
             )
             self.audit_failure(
                 error,
                 presented=bearer,
                 what="session",
+                reason=reason,
                 issuer=session.principal.issuer if session else None,
                 subject=session.principal.subject if session else None,
+                trace=trace,
             )
             raise error
         return session
 
     def end(self, session: Session) -> None:
+        """End a session now; its token stops working at once."""
         now = self.clock()
         with self.db.write() as conn:
             if not repo.end_session(conn, session.id, now):

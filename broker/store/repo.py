@@ -6,7 +6,17 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    RowMapping,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from broker.domain.audit import AuditEvent, chain_hash, sanitize_attributes
@@ -580,8 +590,21 @@ def credential_by_detail(conn: Connection, backend: str, key: str, value: str) -
 
 
 def remember_jti(conn: Connection, issuer: str, jti: str, expires_at: float, now: float) -> bool:
-    """Record a one-time token id; False when it was already seen (a replay)."""
-    conn.execute(delete(t.seen_jtis).where(t.seen_jtis.c.expires_at < now))
+    """Record a one-time token id; False when it was already seen (a replay).
+
+    The unique insert decides, also between replicas: on PostgreSQL a concurrent insert of the
+    same id waits for the first transaction and then fails. Expired ids are purged on the way,
+    skipping rows another transaction holds, so two exchanges never wait on each other's purge.
+    """
+    expired = (
+        select(t.seen_jtis.c.issuer, t.seen_jtis.c.jti)
+        .where(t.seen_jtis.c.expires_at < now)
+        .limit(500)
+        .with_for_update(skip_locked=True)
+    )
+    conn.execute(
+        delete(t.seen_jtis).where(tuple_(t.seen_jtis.c.issuer, t.seen_jtis.c.jti).in_(expired))
+    )
     try:
         with conn.begin_nested():
             conn.execute(insert(t.seen_jtis).values(issuer=issuer, jti=jti, expires_at=expires_at))

@@ -64,15 +64,17 @@ def test_token_exchange_refuses_bad_forms(client: httpx.Client, data: dict[str, 
 
 
 def test_token_exchange_refuses_garbage_tokens(client: httpx.Client, issuer: TestIssuer) -> None:
+    """An invalid subject token is a 400 invalid_request, as RFC 8693 section 2.2.2 requires."""
     for token in ["not-a-jwt", "a.b.c", "e30.e30.", "x" * 20000]:
         body = assert_problem(
             client.post(
                 "/oauth2/token",
                 data={"grant_type": GRANT, "subject_token_type": ID_TOKEN, "subject_token": token},
             ),
-            401,
+            400,
         )
-        assert body["error"] == "invalid_grant"
+        assert body["error"] == "invalid_request"
+        assert body["code"] in {"malformed_token", "token_too_large", "unknown_issuer"}
         assert token not in str(body)
 
 
