@@ -234,6 +234,53 @@ class OtlpSettings(BaseModel):
     interval: float = Field(default=0.5, gt=0)
     max_backoff: float = Field(default=30.0, gt=0)
     service_name: str = "broker"
+    #: Compression of each OTLP request body.
+    compression: Literal["gzip", "none"] = "gzip"
+
+
+class OpenBaoAuditSettings(BaseModel):
+    """Ingest of OpenBao/Vault's own audit stream: each request made with a minted token or lease."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Where the broker listens for OpenBao's ``socket`` audit device: ``HOST:PORT`` (TCP) or
+    #: ``unix:/path``. OpenBao drops entries while nobody listens; ``file`` catches them up.
+    listen: str | None = None
+    #: Peers allowed to connect to a TCP ``listen`` address (OpenBao's own addresses).
+    allowed_peers: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    #: The ``file`` audit device's log, tailed from a stored position so nothing is missed.
+    file: Path | None = None
+    poll_interval: float = Field(default=1.0, gt=0)
+    #: Longest audit entry accepted (OpenBao writes one JSON object per line).
+    max_entry_bytes: int = Field(default=1_048_576, ge=4096)
+
+
+class CloudTrailSettings(BaseModel):
+    """Ingest of AWS CloudTrail records: uses of STS credentials the broker minted."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Files or folders of CloudTrail JSON (``.json`` or ``.json.gz``) and ``s3://bucket/prefix``.
+    sources: list[str] = Field(default_factory=list)
+    poll_interval: float = Field(default=60.0, gt=0)
+    #: A SourceIdentity or RoleSessionName starting with this marks a broker session, so a
+    #: record carrying it that matches no credential is reported as unmatched.
+    session_prefix: str = "brk"
+    #: Roles the broker assumes; every session of these roles is expected to be the broker's.
+    role_arns: list[str] = Field(default_factory=list)
+
+
+class AuditSettings(BaseModel):
+    """Checkpoints of the audit chain and the ingest of credential use records."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Seconds between signed checkpoints of the chain (taken only when events were added).
+    checkpoint_interval: float = Field(default=60.0, gt=0)
+    openbao: OpenBaoAuditSettings = Field(default_factory=OpenBaoAuditSettings)
+    cloudtrail: CloudTrailSettings = Field(default_factory=CloudTrailSettings)
+    #: How long ingested record ids are remembered to drop duplicates (longer than any replay).
+    dedup_retention: float = Field(default=7 * 86_400.0, gt=0)
 
 
 WebhookEvent = Literal["task.pending", "task.approved", "task.denied", "task.expired"]
@@ -315,6 +362,7 @@ class Settings(BaseSettings):
     vault: VaultSettings | None = None
     aws: AwsSettings | None = None
     otlp: OtlpSettings = Field(default_factory=OtlpSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     reaper_interval: float = Field(default=5.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

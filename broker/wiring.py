@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from broker.audit.uses import UseRecorder
 from broker.backends.base import Backend
 from broker.errors import BrokerError, ServiceUnavailable
 from broker.oidc.verifier import TokenVerifier
@@ -51,11 +52,15 @@ class Broker:
     revoker: Revoker
     http: httpx.Client
     clock: Callable[[], float]
+    #: Records observed uses of credentials (OpenBao, CloudTrail, introspection).
+    uses: UseRecorder
     #: Approvers' decisions on pending tasks.
     approvals: ApprovalService
     #: Webhook notifications of task decisions (an outbox, delivered in the background).
     notifier: WebhookNotifier
     background: list[Any] = field(default_factory=list)
+    #: The audit's background parts (export, checkpoints, ingest) once started.
+    audit: Any = None
 
     def readiness(self) -> dict[str, str]:
         """Each dependency's state: ``ok`` or a short reason (no secrets, no internals)."""
@@ -74,14 +79,12 @@ class Broker:
         return checks
 
     def start(self) -> None:
-        """Start background work (audit export, reaper)."""
-        from broker.audit.exporter import OutboxExporter, build_exporter
+        """Start background work (audit export, checkpoints and use ingest, reaper)."""
+        from broker.audit.runtime import AuditRuntime
 
-        exporter = build_exporter(self.settings.otlp)
-        if exporter is not None:
-            outbox = OutboxExporter(self.db, exporter, self.settings.otlp, self.clock)
-            outbox.start()
-            self.background.append(outbox)
+        self.audit = AuditRuntime(self.settings, self.db, self.clock, self.uses)
+        self.audit.start()
+        self.background.append(self.audit)
         self.notifier.start()
         self.background.append(self.notifier)
         expiry = ExpiryLoop(self.tasks, self.settings.reaper_interval)
@@ -131,6 +134,7 @@ def build_broker(
         revoker=revoker,
         http=http,
         clock=clock,
+        uses=UseRecorder(db, clock),
         approvals=ApprovalService(db, catalog, tasks, notifier, clock),
         notifier=notifier,
     )

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 import broker as broker_pkg
 from broker.api import problems
 from broker.api.routes import approvals as approvals_routes
+from broker.api.routes import audit as audit_routes
 from broker.api.routes import health, oauth, scopes, sessions, tasks
 from broker.settings import Settings
 from broker.wiring import Broker, build_broker
@@ -41,4 +42,5 @@ def create_app(
     for router in (health.router, oauth.router, sessions.router, tasks.router, scopes.router):
         app.include_router(router)
     app.include_router(approvals_routes.router)
+    app.include_router(audit_routes.router)
     return app

@@ -15,6 +15,7 @@ from typing import Annotated, NoReturn
 import typer
 
 import broker
+from broker.cli import audit as audit_commands
 from broker.errors import BrokerError, ConfigurationError
 from broker.settings import Settings
 
@@ -25,6 +26,7 @@ db_app = typer.Typer(no_args_is_help=True, help="The broker's store.")
 dev_app = typer.Typer(help="The local development stack.", invoke_without_command=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
+app.add_typer(audit_commands.audit_app, name="audit")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

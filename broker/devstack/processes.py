@@ -6,6 +6,7 @@ Each child runs in its own process group, so stopping it also stops anything it 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -142,18 +143,61 @@ def wait_http(
 
 
 def openbao_config(audit_log: Path, socket_address: str | None = None) -> str:
-    """The ``-config`` file for a dev server: audit devices can only be declared here."""
+    """The ``-config`` file for a dev server: audit devices can only be declared here.
+
+    Both devices log token accessors in clear (``hmac_accessor = "false"``), which is how the
+    broker joins each request to the credential it minted. The ``socket`` device streams to the
+    broker's ingest listener (``HOST:PORT`` or ``unix:/path``); the ``file`` device keeps every
+    entry, so the broker catches up on what the socket dropped while it was not listening.
+    """
     parts = [
         'audit "file" "file-audit" {\n'
         f'  options {{\n    file_path = "{audit_log}"\n    hmac_accessor = "false"\n  }}\n}}\n'
     ]
     if socket_address:
+        kind, address = (
+            ("unix", socket_address[len("unix:") :])
+            if socket_address.startswith("unix:")
+            else ("tcp", socket_address)
+        )
         parts.append(
             'audit "socket" "broker-ingest" {\n'
-            f'  options {{\n    address = "{socket_address}"\n    socket_type = "tcp"\n'
+            f'  options {{\n    address = "{address}"\n    socket_type = "{kind}"\n'
             '    hmac_accessor = "false"\n  }\n}\n'
         )
     return "".join(parts)
+
+
+def enable_socket_audit(
+    proc: ManagedProcess,
+    config: Path,
+    audit_log: Path,
+    socket_address: str,
+    root_token: str,
+    *,
+    timeout: float = 15.0,
+) -> None:
+    """Add the socket audit device to a running OpenBao: rewrite its config and send SIGHUP.
+
+    OpenBao refuses to *start* with a socket device nobody listens on, so the dev stack starts it
+    with the file device alone and adds the socket once the broker's listener is up.
+    """
+    config.write_text(openbao_config(audit_log, socket_address))
+    proc.signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(  # noqa: S310  # the dev server's loopback URL
+            f"{proc.url}/v1/sys/audit", headers={"X-Vault-Token": root_token}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310  # loopback
+                devices = json.loads(resp.read()).get("data") or {}
+            if "broker-ingest/" in devices:
+                return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"OpenBao did not enable the socket audit device:\n{proc.tail()}")
 
 
 def start_openbao(

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.devstack import openbao
-from broker.devstack.processes import ManagedProcess, start_moto, start_openbao, wait_http
+from broker.devstack.processes import (
+    ManagedProcess,
+    enable_socket_audit,
+    free_port,
+    start_moto,
+    start_openbao,
+    wait_http,
+)
 
 
 @dataclass
@@ -25,6 +32,8 @@ class Ports:
     openbao: int = 8200
     moto: int = 8300
     issuer: int = 8400
+    #: The broker's listener for OpenBao's socket audit device (0: any free port).
+    audit: int = 0
 
 
 @dataclass
@@ -116,12 +125,24 @@ class DevStack:
         }
         if self.otlp_endpoint:
             broker_env["BROKER_OTLP__ENDPOINT"] = self.otlp_endpoint
+        # Uses of minted tokens: OpenBao's socket device streams to the broker; its file device
+        # lets the broker catch up on what the socket dropped.
+        audit_listen = f"{host}:{self.ports.audit or free_port()}"
+        broker_env["BROKER_AUDIT__OPENBAO__LISTEN"] = audit_listen
+        broker_env["BROKER_AUDIT__OPENBAO__FILE"] = str(self.state_dir / "bao-audit.log")
         broker = self._python_child(
             "broker",
             ["serve", "--host", host, "--port", str(self.ports.broker), "--migrate"],
             broker_env,
         )
         wait_http(f"{broker_url}/readyz", process=broker, timeout=60)
+        enable_socket_audit(
+            bao,
+            self.state_dir / "bao.hcl",
+            self.state_dir / "bao-audit.log",
+            audit_listen,
+            root_token,
+        )
 
         self.urls = {
             "BROKER_URL": broker_url,

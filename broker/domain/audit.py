@@ -210,8 +210,8 @@ def row_hash(row: dict[str, Any]) -> str:
     return chain_hash(str(row["prev_hash"]), body_of(row))
 
 
-def checkpoint_statement(seq: int, head_hash: str, created_at: float, key_id: str) -> bytes:
-    """The exact bytes a checkpoint signature covers."""
+def checkpoint_statement(seq: int, head_hash: str, created_at: float) -> bytes:
+    """The exact bytes a checkpoint signature covers (the key id is stored beside it)."""
     return canonical_json(
         {
             "v": CHECKPOINT_VERSION,
@@ -219,6 +219,5 @@ def checkpoint_statement(seq: int, head_hash: str, created_at: float, key_id: st
             "seq": int(seq),
             "hash": head_hash,
             "created_at": created_at,
-            "key_id": key_id,
         }
     )

@@ -324,6 +324,25 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _add_task_context(conn: Connection, event: AuditEvent) -> None:
+    """Every event of a task carries the task's scope and the agent's conversation id (the
+    convention in docs/audit.md), whichever service wrote it."""
+    attrs = event.attributes
+    if "broker.scope" in attrs and (
+        "gen_ai.conversation.id" in attrs or attrs.get("broker.task.id") == event.task_id
+    ):
+        return
+    row = conn.execute(
+        select(t.tasks.c.scope, t.tasks.c.conversation_id).where(t.tasks.c.id == event.task_id)
+    ).first()
+    if row is None:
+        return
+    attrs.setdefault("broker.task.id", event.task_id)
+    attrs.setdefault("broker.scope", row.scope)
+    if row.conversation_id:
+        attrs.setdefault("gen_ai.conversation.id", row.conversation_id)
+
+
 def append_audit(conn: Connection, event: AuditEvent) -> str:
     """Append ``event`` to the hash chain inside the caller's transaction; returns its hash.
 
@@ -331,6 +350,8 @@ def append_audit(conn: Connection, event: AuditEvent) -> str:
     head row is locked (``FOR UPDATE``), so appends from several replicas are ordered and the
     sequence numbers follow the chain.
     """
+    if event.task_id:
+        _add_task_context(conn, event)
     event.attributes = _json_safe(sanitize_attributes(event.attributes))
     event.links = _json_safe(event.links)
     if event.end_time is None:

@@ -46,6 +46,9 @@ class OtlpReceiver:
     requests: int = 0
     fail: bool = False
     raw_bodies: list[bytes] = field(default_factory=list)
+    #: Request headers of every POST, and the number of spans in each accepted request.
+    headers: list[dict[str, str]] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
 
     def start(self) -> OtlpReceiver:
@@ -61,6 +64,7 @@ class OtlpReceiver:
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 receiver.requests += 1
+                receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if receiver.fail or self.path != "/v1/traces":
                     self.send_response(503 if receiver.fail else 404)
                     self.end_headers()
@@ -68,6 +72,9 @@ class OtlpReceiver:
                 receiver.raw_bodies.append(body)
                 req = ExportTraceServiceRequest()
                 req.ParseFromString(body)
+                receiver.batch_sizes.append(
+                    sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+                )
                 for rs in req.resource_spans:
                     resource = {a.key: any_value(a.value) for a in rs.resource.attributes}
                     for ss in rs.scope_spans:
