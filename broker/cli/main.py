@@ -16,6 +16,8 @@ import typer
 
 import broker
 from broker.cli import audit as audit_commands
+from broker.cli import people as people_commands
+from broker.cli import scopes as scopes_commands
 from broker.errors import BrokerError, ConfigurationError
 from broker.settings import Settings
 
@@ -26,6 +28,8 @@ db_app = typer.Typer(no_args_is_help=True, help="The broker's store.")
 dev_app = typer.Typer(help="The local development stack.", invoke_without_command=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
+app.add_typer(scopes_commands.scopes_app, name="scopes")
+app.add_typer(people_commands.approvals_app, name="approvals")
 app.add_typer(audit_commands.audit_app, name="audit")
 
 

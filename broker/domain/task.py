@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from broker.domain.audit import canonical_json
-from broker.errors import Conflict
+from broker.errors import Conflict, ValidationFailed
 
 if TYPE_CHECKING:
     from broker.domain.principal import Principal
@@ -137,6 +137,20 @@ def decide_request(template: ScopeTemplate, claims: Mapping[str, Any]) -> Decisi
         TaskState.PENDING,
         f"manual: {template.approval.count} approver(s) of scope {template.name}",
     )
+
+
+def resolve_ttl(template: ScopeTemplate, asked: int | None, global_cap: int) -> int:
+    """The TTL a request gets: the template's default, or what was asked within every cap."""
+    cap = min(template.ttl.max, global_cap)
+    if asked is None:
+        return min(template.ttl.default, cap)
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 60:
+        raise ValidationFailed("ttl must be an integer of at least 60 seconds", code="invalid_ttl")
+    if asked > cap:
+        raise ValidationFailed(
+            f"ttl may be at most {cap} seconds for this scope", code="ttl_too_long"
+        )
+    return asked
 
 
 def binding_hash(

@@ -37,17 +37,32 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def origin(url: str) -> str:
+    """``host:port`` of a URL (lower-case host, explicit default port), for comparing origins."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.hostname or ''}:{port or default}"
+
+
 def check_fetch_url(url: str, *, allow_http_loopback: bool) -> str:
-    """The URL's host, when the broker may fetch from it: https, or http to loopback in dev mode."""
+    """The URL's ``host:port`` when the broker may fetch from it: https, or loopback http in dev."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    try:
+        parts.port  # noqa: B018  # raises on a malformed port
+    except ValueError:
+        host = ""
     if not host or parts.username is not None or parts.password is not None or parts.fragment:
-        raise FetchFailed(f"refusing to fetch {url!r}: not a plain absolute URL")
-    if parts.scheme == "https":
-        return host
-    if parts.scheme == "http" and allow_http_loopback and is_loopback_host(host):
-        return host
-    raise FetchFailed(f"refusing to fetch {url!r}: only https (or loopback http in dev mode)")
+        raise FetchFailed(f"refusing to fetch {url[:200]!r}: not a plain absolute URL")
+    if parts.scheme == "https" or (
+        parts.scheme == "http" and allow_http_loopback and is_loopback_host(host)
+    ):
+        return origin(url)
+    raise FetchFailed(f"refusing to fetch {url[:200]!r}: only https (or loopback http in dev mode)")
 
 
 def fetch_json(

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -33,7 +32,7 @@ from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import PyJWTError
 
 from broker.oidc.errors import IssuerUnavailable
-from broker.oidc.fetch import FetchFailed, check_fetch_url, fetch_json
+from broker.oidc.fetch import FetchFailed, check_fetch_url, fetch_json, origin
 from broker.oidc.jose import MalformedInput, strict_json
 from broker.settings import IssuerConfig
 
@@ -213,8 +212,8 @@ class DiscoveredKeySource:
     """The JWKS document an issuer's discovery document points at.
 
     The discovery document must name exactly the configured issuer, and its ``jwks_uri`` must be
-    https (loopback http in dev mode) on the issuer's own host or a host listed in
-    ``jwks_hosts``: a compromised or misconfigured issuer cannot point the broker at an arbitrary
+    https (loopback http in dev mode) on the issuer's own host and port, or one listed in
+    ``jwks_hosts`` (``host`` or ``host:port``, https): a compromised or misconfigured issuer cannot point the broker at an arbitrary
     address. The discovered URL is remembered for ``jwks_refresh`` seconds and forgotten as soon
     as a key fetch from it fails.
     """
@@ -249,10 +248,12 @@ class DiscoveredKeySource:
         jwks_uri = doc.get("jwks_uri")
         if not isinstance(jwks_uri, str) or len(jwks_uri) > 2048:
             raise FetchFailed(f"{url}: no usable jwks_uri")
-        host = check_fetch_url(jwks_uri, allow_http_loopback=self.allow_http_loopback)
-        allowed = {urlsplit(self.issuer.issuer).hostname, *self.issuer.jwks_hosts}
-        if host not in allowed:
-            raise FetchFailed(f"{url}: jwks_uri host {host!r} is neither the issuer's nor allowed")
+        where = check_fetch_url(jwks_uri, allow_http_loopback=self.allow_http_loopback)
+        allowed = {origin(self.issuer.issuer)} | {
+            origin(f"https://{h}") for h in self.issuer.jwks_hosts
+        }
+        if where not in allowed:
+            raise FetchFailed(f"{url}: jwks_uri {where!r} is neither the issuer's nor allowed")
         return jwks_uri
 
     def load(self) -> dict[str, Any]:

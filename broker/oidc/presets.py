@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
         tenant_claims=(
             TenantClaim("namespace_id"),
             TenantClaim("project_id"),
-            TenantClaim("namespace_path", prefix=r"[^/]+(/|$)"),
+            TenantClaim("namespace_path", prefix=r"[^/]+/"),
             TenantClaim("project_path", prefix=r"[^/]+/"),
             TenantClaim("sub", prefix=r"project_path:[^/:]+/"),
         ),

@@ -34,6 +34,7 @@ from broker.domain.task import (
     TaskState,
     condition_claims,
     decide_request,
+    resolve_ttl,
     tally,
     task_binding,
     transition,
@@ -134,20 +135,6 @@ def task_attributes(task: Task) -> dict[str, Any]:
     if task.conversation_id:
         attrs["gen_ai.conversation.id"] = task.conversation_id
     return attrs
-
-
-def resolve_ttl(template: ScopeTemplate, asked: int | None, global_cap: int) -> int:
-    """The TTL a request gets: the template's default, or what was asked within every cap."""
-    cap = min(template.ttl.max, global_cap)
-    if asked is None:
-        return min(template.ttl.default, cap)
-    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 60:
-        raise ValidationFailed("ttl must be an integer of at least 60 seconds", code="invalid_ttl")
-    if asked > cap:
-        raise ValidationFailed(
-            f"ttl may be at most {cap} seconds for this scope", code="ttl_too_long"
-        )
-    return asked
 
 
 def check_purpose(purpose: Any) -> str:

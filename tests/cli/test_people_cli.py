@@ -1,0 +1,81 @@
+"""`broker approvals list|show|approve|deny` against a running broker over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from broker.cli.main import app
+from tests.api.flows import cast, running, settings_for
+from tests.support.issuer import TestIssuer
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def test_an_approver_decides_from_the_terminal(
+    tmp_path: Path, issuer: TestIssuer, make_settings: Any
+) -> None:
+    """An approver lists what waits for them, reads one task, approves it; a second task is
+    denied; the requester's own attempt is refused with the broker's reason (exit 1)."""
+    with running(settings_for(make_settings, issuer)) as (_, client):
+        people = cast(client, issuer)
+        first = people.agent.request("postgres-readwrite", purpose="fix the invoice table").json()
+        second = people.wrong_group.request("postgres-readwrite", purpose="drop a column").json()
+        env = {"BROKER_URL": str(client.base_url), "BROKER_SESSION_TOKEN": people.dba.token}
+
+        listed = runner.invoke(app, ["approvals", "list"], env=env)
+        assert listed.exit_code == 0, listed.output
+        assert first["id"] in listed.stdout and "fix the invoice table" in listed.stdout
+        as_json = json.loads(runner.invoke(app, ["approvals", "list", "--json"], env=env).stdout)
+        assert {t["task"]["id"] for t in as_json} == {first["id"], second["id"]}
+
+        shown = runner.invoke(app, ["approvals", "show", first["id"]], env=env)
+        assert "approvals 0 of 1" in shown.stdout and "risk high" in shown.stdout
+
+        ok = runner.invoke(
+            app, ["approvals", "approve", first["id"], "-r", "ticket INC-1"], env=env
+        )
+        assert (ok.exit_code, ok.stdout.strip()) == (0, f"{first['id']}  approved")
+        assert people.agent.task(first["id"])["approvals"][0]["reason"] == "ticket INC-1"
+
+        # With an ID token instead of a session token: the CLI exchanges it first.
+        id_token = tmp_path / "id-token"
+        id_token.write_text(issuer.token("omar", groups=["dba"], broker_roles=["approver"]))
+        no = runner.invoke(
+            app,
+            [
+                "approvals",
+                "deny",
+                second["id"],
+                "--reason",
+                "not in prod",
+                "--url",
+                str(client.base_url),
+                "--id-token-file",
+                str(id_token),
+            ],
+        )
+        assert no.exit_code == 0, no.output
+        assert people.wrong_group.task(second["id"])["state"] == "denied"
+
+        third = people.dba.request("postgres-readwrite").json()
+        own = runner.invoke(app, ["approvals", "approve", third["id"], "-r", "me"], env=env)
+        assert own.exit_code == 1
+        assert "the requester of a task can never decide it (self_approval)" in own.output
+
+
+def test_usage_errors(issuer: TestIssuer, make_settings: Any) -> None:
+    """No token is a usage error (2); an unreachable broker is an error (1)."""
+    missing = runner.invoke(app, ["approvals", "list"], env={"BROKER_URL": "http://127.0.0.1:9"})
+    assert missing.exit_code == 2 and "no session" in missing.output
+    down = runner.invoke(
+        app,
+        ["approvals", "list"],
+        env={"BROKER_URL": "http://127.0.0.1:9", "BROKER_SESSION_TOKEN": "x"},
+    )
+    assert down.exit_code == 1 and "not reachable" in down.output
