@@ -282,3 +282,21 @@ def test_a_kubernetes_service_account_token(
     with pytest.raises(TokenRefused) as info:
         verifier.verify(tok(exp=None))
     assert info.value.code == "missing_claim"
+
+
+def test_the_documented_examples_load() -> None:
+    """Every issuer example in docs/authentication.md is a valid configuration."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "authentication.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.DOTALL)
+    entries = []
+    for block in blocks:
+        text = block if block.startswith("issuers:") else "issuers:\n" + block
+        entries.extend(yaml.safe_load(text)["issuers"])
+    assert len(entries) == 5
+    for entry in entries:
+        IssuerConfig(**entry)
