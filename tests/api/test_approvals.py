@@ -383,3 +383,66 @@ def test_idempotent_requests(issuer: TestIssuer, make_settings: Any) -> None:
         assert d1.status_code == d2.status_code == 403
         assert d1.json()["task_id"] == d2.json()["task_id"]
         assert "groups one_of" in d1.json()["reason"]
+
+
+@pytest.mark.postgres
+def test_concurrent_mints_use_an_approval_once(
+    tmp_path: Path, pg_url: str, openbao: OpenBao, issuer: TestIssuer, make_settings: Any
+) -> None:
+    """Six mints of one approved task at the same instant, on PostgreSQL: exactly one gets a
+    credential, the others 409 already_issued; OpenBao holds exactly one token for the task."""
+    folder = scope_folder(tmp_path, ("vault-kv-reviewed", REVIEWED_KV))
+    settings = settings_for(
+        make_settings, issuer, folder, vault=vault(openbao), database_url=pg_url
+    )
+    with running(settings) as (broker, client):
+        people = cast(client, issuer)
+        task = people.agent.request("vault-kv-reviewed").json()
+        people.reviewer.approve(task["id"])
+        gate = threading.Barrier(6)
+        answers: list[Any] = []
+
+        def mint() -> None:
+            gate.wait()
+            answers.append(people.agent.mint(task["id"]))
+
+        threads = [threading.Thread(target=mint) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r.status_code for r in answers) == [201] + [409] * 5
+        assert {r.json()["code"] for r in answers if r.status_code == 409} == {"already_issued"}
+        with broker.db.read() as conn:
+            creds = repo.credentials_for(conn, task["id"])
+        assert [c.state.value for c in creds] == ["active"]
+        with openbao.client() as root:
+            accessors = root.request("LIST", "/v1/auth/token/accessors").json()["data"]["keys"]
+            metas = [
+                root.post("/v1/auth/token/lookup-accessor", json={"accessor": a}).json()["data"]
+                for a in accessors
+            ]
+        assert [m["meta"].get("broker_task") for m in metas if m.get("meta")].count(task["id"]) == 1
+
+
+def test_expiry_is_announced(tmp_path: Path, issuer: TestIssuer, make_settings: Any) -> None:
+    """A request that expires unseen is announced to the webhooks as task.expired."""
+    hook = WebhookReceiver().start()
+    clock = Clock()
+    settings = settings_for(
+        make_settings, issuer, webhooks=[{"name": "ops", "url": hook.url, "secret": "s" * 32}]
+    )
+    try:
+        with running(settings, clock=clock) as (broker, client):
+            people = cast(client, issuer)
+            task = people.agent.request("postgres-readwrite").json()
+            clock.advance(3601)
+            assert broker.tasks.expire_due() == 1
+            broker.notifier.deliver_due()
+            hook.wait_for(2)
+            bodies = hook.bodies()
+            assert [b["event"] for b in bodies] == ["task.pending", "task.expired"]
+            assert bodies[1]["task"]["id"] == task["id"]
+            assert bodies[1]["task"]["reason"] == "the request expired"
+    finally:
+        hook.stop()
