@@ -12,6 +12,7 @@ from broker.api import problems
 from broker.api.routes import approvals as approvals_routes
 from broker.api.routes import audit as audit_routes
 from broker.api.routes import health, oauth, scopes, sessions, tasks
+from broker.api.routes import runs as runs_routes
 from broker.settings import Settings
 from broker.wiring import Broker, build_broker
 
@@ -41,6 +42,7 @@ def create_app(
     problems.install(app)
     for router in (health.router, oauth.router, sessions.router, tasks.router, scopes.router):
         app.include_router(router)
+    app.include_router(runs_routes.router)
     app.include_router(approvals_routes.router)
     app.include_router(audit_routes.router)
     return app

@@ -15,6 +15,7 @@ from typing import Annotated, NoReturn
 import typer
 
 import broker
+from broker.cli import agent as agent_commands
 from broker.cli import audit as audit_commands
 from broker.cli import people as people_commands
 from broker.cli import scopes as scopes_commands
@@ -28,6 +29,7 @@ db_app = typer.Typer(no_args_is_help=True, help="The broker's store.")
 dev_app = typer.Typer(help="The local development stack.", invoke_without_command=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
+agent_commands.register(app)  # login, request, exec, status, tasks, complete, mcp
 app.add_typer(scopes_commands.scopes_app, name="scopes")
 app.add_typer(people_commands.approvals_app, name="approvals")
 app.add_typer(audit_commands.audit_app, name="audit")

@@ -1,0 +1,294 @@
+"""`broker exec` end to end: a real program (OpenBao's own `bao` CLI) uses the injected credential
+against the real OpenBao; exit status passes through; the credential is revoked once it exits;
+the run is an audit span."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.devstack.processes import bao_binary
+from tests.support.agent_stack import AgentStack, agent_stack
+from tests.support.issuer import TestIssuer
+from tests.support.services import OpenBao
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, issuer: TestIssuer, openbao: OpenBao
+) -> Iterator[AgentStack]:
+    with agent_stack(tmp_path_factory.mktemp("exec"), issuer, openbao) as s:
+        yield s
+
+
+def broker_cli(
+    stack: AgentStack, *args: str, sub: str = "exec-agent", home: Path | None = None, **kw: object
+) -> subprocess.CompletedProcess[str]:
+    env = stack.env(sub)
+    if home is not None:
+        env["HOME"] = str(home)  # bao keeps no token helper state of ours
+    env["PATH"] = os.path.dirname(bao_binary()) + os.pathsep + env.get("PATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_exec_runs_bao_with_the_injected_token_and_revokes_it(
+    stack: AgentStack, tmp_path: Path
+) -> None:
+    """`broker exec vault-kv-read -- sh -c 'bao kv get ...'`: the real bao CLI reads the demo secret
+    with VAULT_ADDR/VAULT_TOKEN from its environment; the agent's own identity is not passed on;
+    after the command the token is dead; the run is recorded as a broker.credential.use span
+    that is the parent of the child's TRACEPARENT and carries the command, not the token."""
+    seen = tmp_path / "seen"
+    script = (
+        "bao kv get -field=value secret/demo/hello && "
+        f'printf "%s\\n%s\\n%s\\n" "$VAULT_TOKEN" "$TRACEPARENT" "${{BROKER_ID_TOKEN_FILE:-none}}" > {seen}'
+    )
+    done = broker_cli(
+        stack,
+        "exec",
+        "vault-kv-read",
+        "--purpose",
+        "read the demo secret with bao",
+        "--",
+        "sh",
+        "-c",
+        script,
+        home=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "world"
+    token, traceparent, id_token_file = seen.read_text().splitlines()
+    assert token.startswith(("s.", "hvs."))
+    assert id_token_file == "none"
+    assert not stack.vault_token_alive(token)
+
+    _, trace_id, span_id, _ = traceparent.split("-")
+    runs = [
+        e
+        for e in stack.broker_events_by_trace(trace_id)
+        if e["name"] == "broker.credential.use"
+        and e["attributes"].get("broker.use.source") == "exec"
+    ]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["span_id"] == span_id
+    assert run["outcome"] == "success"
+    attrs = run["attributes"]
+    assert attrs["broker.exec.exit_code"] == 0
+    assert attrs["broker.exec.executable"] == "sh"
+    assert attrs["broker.exec.command"][:2] == ["sh", "-c"]
+    assert attrs["broker.use.via"] == "cli"
+    task_id = run["task_id"]
+    assert stack.task_state(task_id) == "completed"
+    names = [e["name"] for e in stack.events(task_id)]
+    assert names.index("broker.credential.issue") < names.index("broker.credential.use")
+    assert names.index("broker.credential.use") < names.index("broker.credential.revoke")
+    for event in stack.events(task_id):
+        assert token not in str(event)
+
+
+def test_the_exit_status_passes_through_and_failure_is_recorded(
+    stack: AgentStack, tmp_path: Path
+) -> None:
+    """A command exiting 7 makes `broker exec` exit 7; the run span says failure with exit code 7,
+    and the credential is revoked all the same."""
+    seen = tmp_path / "token"
+    done = broker_cli(
+        stack,
+        "exec",
+        "vault-kv-read",
+        "--purpose",
+        "fail on purpose",
+        "--",
+        "sh",
+        "-c",
+        f'printf %s "$VAULT_TOKEN" > {seen}; echo $BROKER_TASK_ID; exit 7',
+    )
+    assert done.returncode == 7, done.stderr
+    task_id = done.stdout.strip()
+    assert not stack.vault_token_alive(seen.read_text())
+    assert stack.task_state(task_id) == "completed"
+    (run,) = stack.events(task_id, "broker.credential.use")
+    assert run["outcome"] == "failure"
+    assert run["attributes"]["broker.exec.exit_code"] == 7
+
+
+def test_sigterm_is_relayed_to_the_command_and_the_task_completed(
+    stack: AgentStack, tmp_path: Path
+) -> None:
+    """SIGTERM to `broker exec` reaches the command; broker exits 143 like the command, records the
+    signal, and revokes the credential."""
+    seen = tmp_path / "token"
+    child = (
+        "import os, sys, time; "
+        f"open({str(seen)!r}, 'w').write(os.environ['VAULT_TOKEN'] + '\\n' + os.environ['BROKER_TASK_ID']); "
+        "time.sleep(60)"
+    )
+    env = stack.env("term-agent")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "exec",
+            "vault-kv-read",
+            "--purpose",
+            "be terminated",
+            "--",
+            sys.executable,
+            "-c",
+            child,
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (seen.exists() and "\n" in seen.read_text()):
+            assert time.monotonic() < deadline, "the command never started"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        token, task_id = seen.read_text().splitlines()
+        assert stack.vault_token_alive(token)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not stack.vault_token_alive(token)
+    assert stack.task_state(task_id) == "completed"
+    (run,) = stack.events(task_id, "broker.credential.use")
+    assert run["attributes"]["broker.exec.signal"] == signal.SIGTERM
+
+
+def test_request_prints_credentials_and_complete_revokes_them(stack: AgentStack) -> None:
+    """`broker request -o json` prints the credential (and only it) on stdout; the task stays active
+    until `broker complete`, which revokes it."""
+    import json
+
+    done = broker_cli(stack, "request", "vault-kv-read", "--purpose", "read by hand", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    token = body["credential"]["env"]["VAULT_TOKEN"]
+    task_id = body["task"]["id"]
+    assert stack.vault_token_alive(token)
+    assert f"broker complete {task_id}" in done.stderr
+    env_form = broker_cli(stack, "request", "vault-kv-read", "--purpose", "eval me", "-q")
+    assert env_form.returncode == 0, env_form.stderr
+    assert "export VAULT_TOKEN=" in env_form.stdout
+    assert env_form.stderr == ""
+
+    done = broker_cli(stack, "complete", task_id)
+    assert done.returncode == 0, done.stderr
+    assert "completed" in done.stderr
+    assert not stack.vault_token_alive(token)
+
+
+def test_waiting_shows_who_may_approve_and_gives_up_cleanly(stack: AgentStack) -> None:
+    """On a scope that needs an SRE, `broker exec --wait 2` shows a progress line naming the
+    approver rule, exits 3 (pending) without running the command, and cancels its request."""
+    done = broker_cli(
+        stack,
+        "exec",
+        "agent-test-manual",
+        "--purpose",
+        "needs a human",
+        "--wait",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo should-not-run",
+    )
+    assert done.returncode == 3, done.stderr
+    assert "should-not-run" not in done.stdout
+    assert "waiting for approval of tsk_" in done.stderr
+    assert "approver" in done.stderr
+    assert "next:" in done.stderr
+    task_id = done.stderr.split("waiting for approval of ")[1].split()[0]
+    assert stack.task_state(task_id) == "cancelled"
+
+
+def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentStack) -> None:
+    """`broker request --no-wait` on a manual scope exits 3 and says how to continue; the task
+    stays pending and `broker status TASK --json` reports it with its approvers."""
+    import json
+
+    done = broker_cli(
+        stack, "request", "agent-test-manual", "--purpose", "later", "--no-wait", sub="patient"
+    )
+    assert done.returncode == 3, done.stderr
+    assert "broker request --task tsk_" in done.stderr
+    task_id = done.stderr.split("broker request --task ")[1].split("`")[0]
+    status = broker_cli(stack, "status", task_id, "--json", sub="patient")
+    assert status.returncode == 0, status.stderr
+    body = json.loads(status.stdout)
+    assert body["state"] == "pending"
+    assert "approver" in body["approvers"]
+    broker_cli(stack, "complete", task_id, sub="patient")
+    assert stack.task_state(task_id) == "cancelled"
+
+
+def test_a_denied_exec_says_why_and_runs_nothing(stack: AgentStack, tmp_path: Path) -> None:
+    """A scope the agent may not request: exit 4, the reason and the next step on stderr, and the
+    command never runs."""
+    marker = tmp_path / "ran"
+    done = broker_cli(
+        stack,
+        "exec",
+        "agent-test-admins",
+        "--purpose",
+        "not mine",
+        "--",
+        "touch",
+        str(marker),
+    )
+    assert done.returncode == 4, done.stderr
+    assert "denied" in done.stderr
+    assert "next:" in done.stderr
+    assert not marker.exists()
+
+
+def test_login_status_and_tasks(stack: AgentStack) -> None:
+    """`broker login` names the identity and token source; `broker status` shows the session and
+    open tasks; `broker tasks --json` lists the agent's tasks."""
+    import json
+
+    login = broker_cli(stack, "login", sub="lister")
+    assert login.returncode == 0, login.stderr
+    assert "logged in as lister" in login.stderr
+    assert "token file" in login.stderr
+    requested = broker_cli(
+        stack, "request", "vault-kv-read", "--purpose", "list me", "-o", "json", sub="lister"
+    )
+    task_id = json.loads(requested.stdout)["task"]["id"]
+    status = broker_cli(stack, "status", sub="lister")
+    assert status.returncode == 0, status.stderr
+    assert "lister" in status.stdout
+    assert task_id in status.stdout
+    listed = broker_cli(stack, "tasks", "--json", sub="lister")
+    assert listed.returncode == 0, listed.stderr
+    assert task_id in {t["id"] for t in json.loads(listed.stdout)}
+    broker_cli(stack, "complete", task_id, sub="lister")
+    shown = broker_cli(stack, "tasks", "show", task_id, sub="lister")
+    assert "completed" in shown.stdout

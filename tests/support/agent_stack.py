@@ -1,0 +1,196 @@
+"""A live broker on a real socket with real OpenBao, for the agent-side tests (client, CLI, MCP).
+
+The broker serves the repository's ``vault-kv-read`` scope plus a few test scopes that exercise
+the agent's error paths: one that needs a human approver, one only admins may request, one that
+allows a single open task.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.client import BrokerClient, ClientConfig, FileIdToken, SessionCache
+from broker.settings import Settings, VaultSettings
+from broker.store import repo
+from broker.store.migrate import upgrade
+from broker.wiring import Broker
+from tests.support.issuer import TestIssuer
+from tests.support.services import LiveServer, OpenBao, live_broker
+
+REPO = Path(__file__).resolve().parents[2]
+
+MANUAL_SCOPE = """\
+name: agent-test-manual
+description: Read the demo secrets, after an SRE approves.
+owner: platform-team
+backend:
+  type: vault_token
+  policies: [kv-read]
+requester:
+  all:
+    - claim: sub
+      regex: "[A-Za-z0-9._:/@-]{1,128}"
+ttl:
+  default: 600
+  max: 900
+max_active_tasks: 5
+risk: medium
+approval:
+  mode: manual
+  count: 1
+  approvers:
+    all:
+      - claim: groups
+        equals: sre
+  request_ttl: 600
+  approval_ttl: 300
+"""
+
+ADMINS_SCOPE = """\
+name: agent-test-admins
+description: Only admins may ask for this one.
+owner: platform-team
+backend:
+  type: vault_token
+  policies: [kv-read]
+requester:
+  all:
+    - claim: groups
+      equals: admins
+ttl:
+  default: 600
+  max: 900
+risk: low
+approval:
+  mode: auto
+"""
+
+SINGLE_SCOPE = """\
+name: agent-test-single
+description: One open task at a time.
+owner: platform-team
+backend:
+  type: vault_token
+  policies: [kv-read]
+requester:
+  all:
+    - claim: sub
+      regex: "[A-Za-z0-9._:/@-]{1,128}"
+ttl:
+  default: 600
+  max: 900
+max_active_tasks: 1
+risk: low
+approval:
+  mode: auto
+"""
+
+
+def write_scopes(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "scopes" / "vault-kv-read.yaml", folder / "vault-kv-read.yaml")
+    for name, text in (
+        ("agent-test-manual", MANUAL_SCOPE),
+        ("agent-test-admins", ADMINS_SCOPE),
+        ("agent-test-single", SINGLE_SCOPE),
+    ):
+        (folder / f"{name}.yaml").write_text(text)
+    return folder
+
+
+@dataclass
+class AgentStack:
+    server: LiveServer
+    broker: Broker
+    issuer: TestIssuer
+    openbao: OpenBao
+    home: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def token_file(self, sub: str = "agent-1", **claims: Any) -> Path:
+        """A fresh ID token for ``sub`` in a file (as a platform would mount it)."""
+        path = self.home / f"id-token-{sub}-{time.monotonic_ns()}"
+        path.write_text(self.issuer.token(sub, ttl=900, **claims))
+        return path
+
+    def env(self, sub: str = "agent-1", **claims: Any) -> dict[str, str]:
+        """The environment of an agent process: broker URL, ID token file, its own session cache."""
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("BROKER_", "VAULT_", "AWS_", "ACTIONS_ID_TOKEN"))
+            and k != "TRACEPARENT"
+        }
+        return {
+            **base,
+            "BROKER_URL": self.url,
+            "BROKER_ID_TOKEN_FILE": str(self.token_file(sub, **claims)),
+            "BROKER_SESSION_CACHE": str(self.home / f"sessions-{sub}.json"),
+            "BROKER_K8S_TOKEN_FILE": str(self.home / "no-k8s-token"),
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        }
+
+    def client(self, sub: str = "agent-1", **claims: Any) -> BrokerClient:
+        return BrokerClient(
+            ClientConfig(broker_url=self.url, timeout=20),
+            id_token_source=FileIdToken(self.token_file(sub, **claims)),
+            session_cache=SessionCache(self.home / f"sdk-sessions-{sub}.json"),
+        )
+
+    def vault_token_alive(self, token: str) -> bool:
+        """Whether OpenBao still accepts ``token`` (asked with the token itself)."""
+        with self.openbao.client(token) as c:
+            return c.get("/v1/auth/token/lookup-self").status_code == 200
+
+    def events(self, task_id: str, name: str | None = None) -> list[dict[str, Any]]:
+        with self.broker.db.read() as conn:
+            return repo.audit_events(conn, task_id=task_id, name=name, limit=1000)
+
+    def broker_events_by_trace(self, trace_id: str) -> list[dict[str, Any]]:
+        with self.broker.db.read() as conn:
+            events = repo.audit_events(conn, limit=100_000)
+        return [e for e in events if e["trace_id"] == trace_id]
+
+    def task_state(self, task_id: str) -> str:
+        with self.broker.db.read() as conn:
+            task = repo.get_task(conn, task_id)
+        assert task is not None
+        return task.state.value
+
+
+def agent_settings(home: Path, issuer: TestIssuer, openbao: OpenBao, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "dev_mode": True,
+        "data_dir": home / "data",
+        "scopes_dir": write_scopes(home / "scopes"),
+        "issuers": [issuer.issuer_config()],
+        "vault": VaultSettings(
+            addr=openbao.addr, token=openbao.broker_token, token_role="broker-child"
+        ),
+    }
+    values.update(overrides)
+    settings = Settings(**values)
+    upgrade(settings.effective_database_url)
+    return settings
+
+
+@contextmanager
+def agent_stack(
+    home: Path, issuer: TestIssuer, openbao: OpenBao, **overrides: Any
+) -> Iterator[AgentStack]:
+    """A live broker for agent tests; ``home`` holds its store, scopes, tokens and caches."""
+    home.mkdir(parents=True, exist_ok=True)
+    settings = agent_settings(home, issuer, openbao, **overrides)
+    with live_broker(settings) as (server, broker):
+        yield AgentStack(server, broker, issuer, openbao, home)
