@@ -223,10 +223,51 @@ def test_waiting_shows_who_may_approve_and_gives_up_cleanly(stack: AgentStack) -
     assert done.returncode == 3, done.stderr
     assert "should-not-run" not in done.stdout
     assert "waiting for approval of tsk_" in done.stderr
-    assert "approver" in done.stderr
+    assert "by 1 approver with groups equals 'sre', never the requester" in done.stderr
+    assert "request expires in" in done.stderr
     assert "next:" in done.stderr
     task_id = done.stderr.split("waiting for approval of ")[1].split()[0]
     assert stack.task_state(task_id) == "cancelled"
+
+
+def test_exec_waits_for_a_human_and_then_runs(stack: AgentStack) -> None:
+    """`broker exec` on a scope that needs an SRE shows who may approve while it waits; when the
+    SRE approves through the approval API, the command runs with the credential and its status
+    comes back."""
+    env = stack.env("waits-for-sam")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "exec",
+            "agent-test-manual",
+            "--purpose",
+            "read the demo secret once approved",
+            "--",
+            sys.executable,
+            "-c",
+            "import os; print(os.environ['BROKER_TASK_ID'], bool(os.environ['VAULT_TOKEN']))",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "waiting for approval of tsk_" in line
+        assert "groups equals 'sre'" in line
+        task_id = line.split("waiting for approval of ")[1].split()[0]
+        stack.approve(task_id)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.split() == [task_id, "True"]
+    assert stack.task_state(task_id) == "completed"
 
 
 def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentStack) -> None:
@@ -244,7 +285,7 @@ def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentSta
     assert status.returncode == 0, status.stderr
     body = json.loads(status.stdout)
     assert body["state"] == "pending"
-    assert "approver" in body["approvers"]
+    assert body["approvers"] == "1 approver with groups equals 'sre', never the requester"
     broker_cli(stack, "complete", task_id, sub="patient")
     assert stack.task_state(task_id) == "cancelled"
 

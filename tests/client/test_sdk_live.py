@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +29,7 @@ from broker.client import (
     credentials,
 )
 from broker.client._protocol import WaitStatus
-from broker.domain.task import TaskState
-from broker.store import repo
-from tests.support.agent_stack import AgentStack, agent_stack
+from tests.support.agent_stack import AgentStack, ShiftedClock, agent_stack
 from tests.support.issuer import TestIssuer
 from tests.support.services import OpenBao
 
@@ -171,47 +170,29 @@ def test_pending_names_the_approvers_and_the_block_cancels_its_request(stack: Ag
     assert pending.task.scope == "agent-test-manual"
     assert seen
     assert seen[0].task.id == pending.task.id
-    assert pending.approvers
-    assert "approver" in pending.approvers
+    assert pending.approvers == "1 approver with groups equals 'sre', never the requester"
     assert pending.cancelled
     assert "request again" in str(pending.next_step)
     assert stack.task_state(pending.task.id) == "cancelled"
 
 
-def test_waiting_ends_when_the_task_is_approved(stack: AgentStack) -> None:
-    """The client keeps waiting while a task is pending and mints as soon as it is approved."""
+def test_waiting_ends_when_a_human_approves(stack: AgentStack) -> None:
+    """The client waits (long-poll) while a task is pending and returns it approved as soon as an
+    SRE approves through the approval API; the minted token works and dies on completion."""
     with stack.client("approved-agent") as client:
         task = client.request_task("agent-test-manual", purpose="wait for my approver")
         assert task.pending
-
-        def approve_soon(status: WaitStatus) -> None:
-            if status.waited > 0.5:
-                approve_in_store(stack, status.task.id)
-
-        approved = client.wait(task, timeout=30, on_wait=approve_soon)
+        approver = threading.Timer(0.5, stack.approve, args=(task.id,))
+        approver.start()
+        try:
+            approved = client.wait(task, timeout=30)
+        finally:
+            approver.join()
         assert approved.state == "approved"
         credential = client.mint(approved.id)
         assert stack.vault_token_alive(credential.env["VAULT_TOKEN"])
         client.complete(approved.id)
         assert not stack.vault_token_alive(credential.env["VAULT_TOKEN"])
-
-
-def approve_in_store(stack: AgentStack, task_id: str) -> None:
-    """Stand in for an approver: move the task to approved in the store, as a decision would."""
-    now = time.time()
-    with stack.broker.db.write() as conn:
-        task = repo.get_task(conn, task_id, for_update=True)
-        if task is not None and task.state is TaskState.PENDING:
-            repo.update_task(
-                conn,
-                task_id,
-                expect=TaskState.PENDING,
-                state=TaskState.APPROVED,
-                decided_at=now,
-                decided_by_rule="test-approver",
-                approval_expires_at=now + 300,
-                updated_at=now,
-            )
 
 
 def test_too_many_open_tasks_is_rate_limited_with_a_retry_time(stack: AgentStack) -> None:
@@ -227,15 +208,20 @@ def test_too_many_open_tasks_is_rate_limited_with_a_retry_time(stack: AgentStack
             client.complete(first.id)
 
 
-def test_an_expired_approval_is_reported_as_expired(stack: AgentStack) -> None:
-    """Minting after the approval's validity ended raises TaskExpired, advising a new task."""
-    with stack.client("late-agent") as client:
-        task = client.request_task("vault-kv-read", purpose="come back too late")
-        with stack.broker.db.write() as conn:
-            repo.update_task(conn, task.id, approval_expires_at=time.time() - 1)
+def test_an_expired_approval_is_reported_as_expired(
+    tmp_path: Path, issuer: TestIssuer, openbao: OpenBao
+) -> None:
+    """An approval not used within the scope's approval_ttl (300 s here) cannot mint: the client
+    raises TaskExpired and advises a new task."""
+    clock = ShiftedClock()
+    with agent_stack(tmp_path, issuer, openbao, clock=clock) as late, late.client("late") as client:
+        task = client.request_task("agent-test-manual", purpose="come back too late")
+        late.approve(task.id)
+        assert client.get_task(task.id).state == "approved"
+        clock.offset = 400
         with pytest.raises(TaskExpired) as err:
             client.mint(task.id)
-        assert "new task" in str(err.value.next_step)
+    assert "new task" in str(err.value.next_step)
 
 
 def test_a_session_ended_elsewhere_is_renewed_transparently(stack: AgentStack) -> None:

@@ -139,7 +139,7 @@ def test_errors_tell_the_agent_what_to_do(stack: AgentStack) -> None:
 
     pending, refused, denied = anyio.run(main)
     assert pending["state"] == "pending"
-    assert "approver" in pending["approvers"]
+    assert pending["approvers"] == "1 approver with groups equals 'sre', never the requester"
     assert "status" in pending["next_step"]
     assert "approval_pending:" in refused["error"]
     assert "Next:" in refused["error"]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from broker.client import BrokerClient, ClientConfig, FileIdToken, SessionCache
 from broker.settings import Settings, VaultSettings
 from broker.store import repo
@@ -148,6 +150,30 @@ class AgentStack:
             session_cache=SessionCache(self.home / f"sdk-sessions-{sub}.json"),
         )
 
+    def approve(
+        self, task_id: str, sub: str = "sam", reason: str = "looks right"
+    ) -> dict[str, Any]:
+        """A human SRE approves ``task_id`` through the broker's approval API."""
+        token = self.issuer.token(sub, groups=["sre"], broker_roles=["approver"])
+        with httpx.Client(base_url=self.url, timeout=20) as http:
+            session = http.post(
+                "/oauth2/token",
+                data={
+                    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                    "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
+                    "subject_token": token,
+                },
+            )
+            assert session.status_code == 200, session.text
+            resp = http.post(
+                f"/v1/approvals/{task_id}/approve",
+                json={"reason": reason},
+                headers={"Authorization": f"Bearer {session.json()['access_token']}"},
+            )
+            assert resp.status_code == 200, resp.text
+            body: dict[str, Any] = resp.json()
+            return body
+
     def vault_token_alive(self, token: str) -> bool:
         """Whether OpenBao still accepts ``token`` (asked with the token itself)."""
         with self.openbao.client(token) as c:
@@ -174,7 +200,8 @@ def agent_settings(home: Path, issuer: TestIssuer, openbao: OpenBao, **overrides
         "dev_mode": True,
         "data_dir": home / "data",
         "scopes_dir": write_scopes(home / "scopes"),
-        "issuers": [issuer.issuer_config()],
+        # Roles from the `broker_roles` claim, so a test can log in an approver next to its agents.
+        "issuers": [issuer.issuer_config(claims={"roles": "broker_roles"})],
         "vault": VaultSettings(
             addr=openbao.addr, token=openbao.broker_token, token_role="broker-child"
         ),
@@ -185,12 +212,28 @@ def agent_settings(home: Path, issuer: TestIssuer, openbao: OpenBao, **overrides
     return settings
 
 
+class ShiftedClock:
+    """Real time plus an offset a test can move forward (approvals and requests expire)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 @contextmanager
 def agent_stack(
-    home: Path, issuer: TestIssuer, openbao: OpenBao, **overrides: Any
+    home: Path,
+    issuer: TestIssuer,
+    openbao: OpenBao,
+    *,
+    clock: ShiftedClock | None = None,
+    **overrides: Any,
 ) -> Iterator[AgentStack]:
     """A live broker for agent tests; ``home`` holds its store, scopes, tokens and caches."""
     home.mkdir(parents=True, exist_ok=True)
     settings = agent_settings(home, issuer, openbao, **overrides)
-    with live_broker(settings) as (server, broker):
+    build: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    with live_broker(settings, **build) as (server, broker):
         yield AgentStack(server, broker, issuer, openbao, home)
