@@ -203,12 +203,36 @@ class VaultSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     addr: str = "http://127.0.0.1:8200"
+    #: How the broker logs in: its own ``token`` (renewed before expiry), AppRole or JWT auth.
+    auth_method: Literal["token", "approle", "jwt"] = "token"
     token: SecretStr | None = None
+    #: Mount path of the AppRole or JWT auth method (default ``approle`` / ``jwt``).
+    auth_mount: str | None = None
+    role_id: str | None = None
+    secret_id: SecretStr | None = None
+    #: JWT auth: the role to log in to and a file holding the JWT (re-read at each login, as
+    #: Kubernetes rotates projected service account tokens).
+    jwt_role: str | None = None
+    jwt_file: Path | None = None
     #: Token role used to create child tokens; it bounds which policies the broker can grant.
     token_role: str | None = None
+    #: Token role for the broker-internal tokens that own dynamic database leases.
+    lease_token_role: str | None = None
     namespace: str | None = None
     timeout: float = Field(default=5.0, gt=0)
     verify_tls: bool = True
+
+    @model_validator(mode="after")
+    def _auth_complete(self) -> VaultSettings:
+        needed: dict[str, list[tuple[str, object]]] = {
+            "token": [],  # a missing token is reported by the backend's health check
+            "approle": [("role_id", self.role_id), ("secret_id", self.secret_id)],
+            "jwt": [("jwt_role", self.jwt_role), ("jwt_file", self.jwt_file)],
+        }
+        absent = [name for name, value in needed[self.auth_method] if not value]
+        if absent:
+            raise ValueError(f"vault auth_method {self.auth_method!r} needs {', '.join(absent)}")
+        return self
 
 
 class AwsSettings(BaseModel):
@@ -219,6 +243,11 @@ class AwsSettings(BaseModel):
     region: str = "us-east-1"
     endpoint_url: str | None = None
     timeout: float = Field(default=5.0, gt=0)
+    #: Look each role up (iam:GetRole) before AssumeRole: refuses missing roles and learns the
+    #: role's real MaxSessionDuration. Turn off only if the broker may not call iam:GetRole.
+    verify_roles: bool = True
+    #: Name of the inline role policy that carries the broker's kill switches.
+    kill_switch_policy: str = Field(default="broker-kill-switch", pattern=r"^[\w+=,.@-]{1,128}$")
 
 
 class OtlpSettings(BaseModel):
@@ -263,9 +292,10 @@ class CloudTrailSettings(BaseModel):
     #: Files or folders of CloudTrail JSON (``.json`` or ``.json.gz``) and ``s3://bucket/prefix``.
     sources: list[str] = Field(default_factory=list)
     poll_interval: float = Field(default=60.0, gt=0)
-    #: A SourceIdentity or RoleSessionName starting with this marks a broker session, so a
-    #: record carrying it that matches no credential is reported as unmatched.
-    session_prefix: str = "brk"
+    #: A SourceIdentity or RoleSessionName starting with one of these marks a broker session
+    #: (the STS backend names sessions after the task and credential), so a record carrying it
+    #: that matches no credential is reported as unmatched.
+    session_prefixes: list[str] = Field(default_factory=lambda: ["tsk_", "crd_"])
     #: Roles the broker assumes; every session of these roles is expected to be the broker's.
     role_arns: list[str] = Field(default_factory=list)
 
@@ -365,6 +395,19 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
 
     reaper_interval: float = Field(default=5.0, gt=0)
+    #: A credential still ``minting`` this long after its intent was recorded is a crashed mint.
+    reaper_mint_grace: float = Field(default=60.0, gt=0)
+    #: How often backends are scanned for objects carrying this broker's metadata but no record.
+    reaper_orphan_interval: float = Field(default=300.0, gt=0)
+    reaper_batch: int = Field(default=100, ge=1, le=10_000)
+    #: Written into every backend object's metadata; the orphan scan only touches its own.
+    cluster_name: str = Field(default="broker", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    #: Broker-signed tokens and checkpoints: key algorithm and how often a new key is made.
+    signing_algorithm: Literal["EdDSA", "ES256"] = "EdDSA"
+    signing_key_rotation: int = Field(default=86_400, ge=300)
+    #: Test hook, refused outside dev mode: ``pause_after_mint`` stops a mint between the
+    #: backend call and its record (so a test can SIGKILL the broker there).
+    dev_fault: Literal["pause_after_mint"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -417,6 +460,8 @@ class Settings(BaseSettings):
                 problems.append(f"issuer {iss.name!r} has a jwks_uri without https")
         if self.signing_key_file is None:
             problems.append("no signing_key_file (BROKER_SIGNING_KEY_FILE) is set")
+        if self.dev_fault is not None:
+            problems.append("dev_fault is a test hook")
         for hook in self.webhooks:
             if urlsplit(hook.url).scheme != "https" and not is_loopback_url(hook.url):
                 problems.append(f"webhook {hook.name!r} does not use https")

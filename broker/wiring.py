@@ -13,12 +13,16 @@ import httpx
 from broker.audit.uses import UseRecorder
 from broker.backends.base import Backend
 from broker.errors import BrokerError, ServiceUnavailable
+from broker.keyring import KeyRing, PublishedKeys
 from broker.oidc.verifier import TokenVerifier
 from broker.scopes.loader import ScopeCatalog
 from broker.services.approvals import ApprovalService
 from broker.services.credentials import CredentialService
+from broker.services.introspection import Introspector
+from broker.services.kill_switch import KillSwitchBackend, KillSwitches
 from broker.services.limits import RateLimiter
 from broker.services.notifications import WebhookNotifier
+from broker.services.reaper import Reaper
 from broker.services.revocation import Revoker
 from broker.services.sessions import SessionService
 from broker.services.tasks import ExpiryLoop, TaskService
@@ -28,13 +32,42 @@ from broker.store import Database
 log = logging.getLogger(__name__)
 
 
-def default_backends(settings: Settings) -> dict[str, Backend]:
+def default_backends(
+    settings: Settings,
+    *,
+    keyring: KeyRing | None = None,
+    clock: Callable[[], float] = time.time,
+) -> dict[str, Backend]:
+    """The backends the settings configure (broker-signed tokens need only the key ring)."""
     backends: dict[str, Backend] = {}
     if settings.vault is not None:
         from broker.backends.vault import VaultBackend
 
-        backends["vault"] = VaultBackend(settings.vault)
+        backends["vault"] = VaultBackend(settings.vault, cluster=settings.cluster_name, clock=clock)
+    if settings.aws is not None:
+        from broker.backends.aws_sts import AwsStsBackend
+
+        backends["aws_sts"] = AwsStsBackend(
+            settings.aws, cluster=settings.cluster_name, clock=clock
+        )
+    if keyring is not None:
+        from broker.backends.broker_jwt import BrokerJwtBackend
+
+        backends["broker_jwt"] = BrokerJwtBackend(keyring, settings.public_url, clock=clock)
     return backends
+
+
+def build_keyring(settings: Settings, db: Database, clock: Callable[[], float]) -> KeyRing:
+    """The broker's signing keys: the operator's key file, or rotating keys under data_dir."""
+    return KeyRing(
+        keys_dir=settings.data_dir / "keys",
+        key_file=settings.signing_key_file,
+        algorithm=settings.signing_algorithm,
+        rotation=settings.signing_key_rotation,
+        verify_window=settings.credential_max_ttl + 300,
+        published=PublishedKeys(db),
+        clock=clock,
+    )
 
 
 @dataclass
@@ -61,6 +94,14 @@ class Broker:
     background: list[Any] = field(default_factory=list)
     #: The audit's background parts (export, checkpoints, ingest) once started.
     audit: Any = None
+    #: The broker's own rotating signing key (broker-signed tokens, audit checkpoints, JWKS).
+    keyring: KeyRing | None = None
+    #: AWS kill switches (deny entries on roles).
+    kill_switches: KillSwitches | None = None
+    #: Background repair: expiry, revocation retries, crashed mints, orphans.
+    reaper: Reaper | None = None
+    #: RFC 7662 introspection of broker-signed tokens.
+    introspector: Introspector | None = None
 
     def readiness(self) -> dict[str, str]:
         """Each dependency's state: ``ok`` or a short reason (no secrets, no internals)."""
@@ -90,6 +131,9 @@ class Broker:
         expiry = ExpiryLoop(self.tasks, self.settings.reaper_interval)
         expiry.start()
         self.background.append(expiry)
+        if self.reaper is not None:
+            self.reaper.start()
+            self.background.append(self.reaper)
 
     def stop(self) -> None:
         for part in reversed(self.background):
@@ -116,12 +160,18 @@ def build_broker(
     verifier = TokenVerifier(
         settings.issuers, http, clock=clock, allow_http_loopback=settings.dev_mode
     )
-    backends = default_backends(settings) if backends is None else backends
-    revoker = Revoker(db, backends, clock)
+    keyring = build_keyring(settings, db, clock)
+    if backends is None:
+        backends = default_backends(settings, keyring=keyring, clock=clock)
+    sts = backends.get("aws_sts")
+    kill_switches = KillSwitches(db, sts if isinstance(sts, KillSwitchBackend) else None, clock)
+    revoker = Revoker(db, backends, clock, kill_switches)
     notifier = WebhookNotifier(settings, db, clock)
     tasks = TaskService(
         settings, db, catalog, revoker, clock, limiter=RateLimiter(db, clock), notifier=notifier
     )
+    uses = UseRecorder(db, clock)
+    reaper = Reaper(settings, db, backends, revoker, kill_switches, clock)
     return Broker(
         settings=settings,
         db=db,
@@ -130,11 +180,17 @@ def build_broker(
         backends=backends,
         sessions=SessionService(settings, db, verifier, clock),
         tasks=tasks,
-        credentials=CredentialService(settings, db, catalog, backends, clock),
+        credentials=CredentialService(
+            settings, db, catalog, backends, clock, revoker=revoker, notifier=notifier
+        ),
         revoker=revoker,
         http=http,
         clock=clock,
-        uses=UseRecorder(db, clock),
+        uses=uses,
         approvals=ApprovalService(db, catalog, tasks, notifier, clock),
         notifier=notifier,
+        keyring=keyring,
+        kill_switches=kill_switches,
+        reaper=reaper,
+        introspector=Introspector(settings.public_url, db, keyring, clock, uses),
     )

@@ -20,6 +20,7 @@ from tests.support.services import (
     pg_database,
     start_test_moto,
     start_test_openbao,
+    stop_test_openbao,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,15 +29,30 @@ SCOPES = REPO / "scopes"
 
 @pytest.fixture(scope="session")
 def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
-    """A real OpenBao dev server, provisioned like `broker dev` does."""
-    bao = start_test_openbao(tmp_path_factory.mktemp("openbao"))
+    """A real OpenBao dev server, provisioned like `broker dev` does; when PostgreSQL answers,
+    with the database secrets engine on a database of its own (``openbao.database``)."""
+    bao = start_test_openbao(
+        tmp_path_factory.mktemp("openbao"), with_database=pg_available() is None
+    )
     yield bao
-    bao.process.stop()
+    stop_test_openbao(bao)
+
+
+@pytest.fixture(scope="session")
+def openbao_db(openbao: OpenBao, pg_admin_ok: None) -> OpenBao:
+    """The ``openbao`` server, required to have its database secrets engine (PostgreSQL)."""
+    if openbao.database is None:
+        pytest.fail("OpenBao has no database engine although PostgreSQL answers")
+    return openbao
 
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    """moto's standalone STS/IAM server."""
+    """moto's standalone STS/IAM server, with the example scopes' roles; the broker's standard
+    AWS credential chain finds moto's dummy keys in the environment."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     server = start_test_moto(tmp_path_factory.mktemp("moto"))
     yield server
     server.process.stop()

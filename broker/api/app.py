@@ -9,9 +9,9 @@ from fastapi import FastAPI
 
 import broker as broker_pkg
 from broker.api import problems
+from broker.api.routes import admin_lifecycle, health, oauth, scopes, sessions, tasks, tokens
 from broker.api.routes import approvals as approvals_routes
 from broker.api.routes import audit as audit_routes
-from broker.api.routes import health, oauth, scopes, sessions, tasks
 from broker.api.routes import runs as runs_routes
 from broker.settings import Settings
 from broker.wiring import Broker, build_broker
@@ -45,4 +45,6 @@ def create_app(
     app.include_router(runs_routes.router)
     app.include_router(approvals_routes.router)
     app.include_router(audit_routes.router)
+    app.include_router(tokens.router)
+    app.include_router(admin_lifecycle.router)
     return app

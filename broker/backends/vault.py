@@ -1,58 +1,272 @@
 """OpenBao / HashiCorp Vault: child tokens with policies, dynamic database credentials.
 
 Every request the broker makes to Vault goes through this module (the only one importing hvac).
+
+The broker's own identity is a token (renewed before it expires), an AppRole login or a JWT
+login (re-done before the token expires; the JWT file is re-read each time). What it mints:
+
+- ``vault_token``: a service token created through the configured token role (which should be
+  ``orphan=true``, so the tokens do not die with the broker's own token), carrying the template's
+  policies, ``ttl`` = ``explicit_max_ttl`` = the task's TTL, ``num_uses`` = the template's use
+  count, non-renewable, and metadata naming the cluster, task and credential. A policy named
+  ``root`` or whose text grants ``sudo`` is refused before anything is created.
+- ``vault_database``: dynamic database credentials. A broker-internal *lease owner* token (made
+  through ``lease_token_role``, carrying the same metadata) reads ``MOUNT/creds/ROLE``; the lease
+  is shortened to the task's TTL. Revoking the lease (by lease id) drops the database user;
+  revoking the owner token does too, which is how the orphan scan cleans up after a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import hvac
 import hvac.exceptions
 import requests
 
-from broker.backends.base import Minted, MintRequest
+from broker.backends.base import (
+    BackendObject,
+    Minted,
+    MintOutcomeUnknown,
+    MintRequest,
+    Revocation,
+    RevokeRef,
+)
 from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
 from broker.errors import InvalidRequest, ServiceUnavailable
 from broker.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 
-#: Policies no template may hand out.
+#: Policies no template may hand out, whatever Vault's token role would allow.
 FORBIDDEN_POLICIES = frozenset({"root"})
+#: A policy granting ``sudo`` on any path is refused (HCL and JSON both quote capabilities).
+_SUDO = re.compile(r"""["']sudo["']""", re.IGNORECASE)
+_POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: How long a policy's vetting result is reused.
+POLICY_CACHE_SECONDS = 60.0
+#: Metadata keys on every token the broker creates.
+META_CLUSTER = "broker_cluster"
+META_TASK = "broker_task"
+META_CREDENTIAL = "broker_credential"
+META_ROLE = "broker_role"
 
-_UNAVAILABLE = (
-    requests.exceptions.RequestException,
-    hvac.exceptions.VaultDown,
-    hvac.exceptions.InternalServerError,
-)
+_DEFINITELY_NOT_SENT = (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError)
 
 
-def _unavailable(exc: Exception) -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "OpenBao/Vault is unavailable", code="backend_unavailable", internal=repr(exc)
+def _unavailable(exc: Exception, what: str = "OpenBao/Vault is unavailable") -> ServiceUnavailable:
+    return ServiceUnavailable(what, code="backend_unavailable", internal=repr(exc)[:500])
+
+
+def _connection_error(exc: requests.exceptions.RequestException) -> ServiceUnavailable:
+    """A transport error: was the request possibly processed?"""
+    if isinstance(exc, _DEFINITELY_NOT_SENT) or "NewConnectionError" in repr(exc):
+        return _unavailable(exc)
+    return MintOutcomeUnknown(
+        "OpenBao/Vault did not answer in time; nothing was issued",
+        internal=repr(exc)[:500],
     )
 
 
+def _refused(exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "OpenBao/Vault refused to mint the credential",
+        code="backend_refused",
+        internal=repr(exc)[:500],
+    )
+
+
+def _vault_time(value: Any) -> float | None:
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseTarget:
+    """Where agents reach the database a role belongs to (from the engine's connection URL)."""
+
+    plugin: str
+    host: str | None
+    port: int | None
+    dbname: str | None
+    sslmode: str | None
+
+
+class VaultAuth:
+    """The broker's own Vault identity, renewed (or logged in again) before it expires."""
+
+    def __init__(self, settings: VaultSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._token: str | None = (
+            settings.token.get_secret_value() if settings.token is not None else None
+        )
+        self._renew_at: float | None = None if self._token is None else 0.0
+        self._expires_at: float | None = None
+        self.generation = 0
+        self.last_error: str | None = None
+
+    def _bare_client(self) -> hvac.Client:
+        return hvac.Client(
+            url=self.settings.addr,
+            namespace=self.settings.namespace,
+            timeout=int(self.settings.timeout),
+            verify=self.settings.verify_tls,
+        )
+
+    def token(self) -> str:
+        """The broker's current token, logging in or renewing first when due."""
+        now = self.clock()
+        if self._token is not None and (self._renew_at is None or now < self._renew_at):
+            return self._token
+        with self._lock:
+            if self._token is None or (
+                self._renew_at is not None and self.clock() >= self._renew_at
+            ):
+                self._refresh()
+            assert self._token is not None
+            return self._token
+
+    def maintain(self) -> None:
+        """Renew or log in again when two thirds of the token's lifetime have passed."""
+        self.token()
+
+    def _schedule(self, lease: int) -> None:
+        now = self.clock()
+        if lease <= 0:  # a token without expiry (dev root, a non-expiring periodic token)
+            self._renew_at = None
+            self._expires_at = None
+        else:
+            self._renew_at = now + lease * 2 / 3
+            self._expires_at = now + lease
+
+    def _refresh(self) -> None:
+        method = self.settings.auth_method
+        try:
+            if method == "token":
+                self._renew_token()
+            else:
+                self._login()
+            self.last_error = None
+        except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
+            self.last_error = type(exc).__name__
+            if (
+                self._token is not None
+                and self._expires_at is not None
+                and self.clock() < self._expires_at
+            ):
+                # Keep the still-valid token; try again in a little while.
+                self._renew_at = self.clock() + min(30.0, self._expires_at - self.clock())
+                log.warning("renewing the broker's Vault token failed; retrying soon")
+                return
+            raise _unavailable(exc, "the broker cannot log in to OpenBao/Vault") from None
+
+    def _renew_token(self) -> None:
+        if self._token is None:
+            raise ServiceUnavailable(
+                "the broker has no OpenBao/Vault token configured", code="backend_unavailable"
+            )
+        client = self._bare_client()
+        client.token = self._token
+        info = client.adapter.get("/v1/auth/token/lookup-self")["data"]
+        ttl = int(info.get("ttl") or 0)
+        if ttl > 0 and info.get("renewable"):
+            if self._renew_at is not None and self._renew_at > 0:
+                # Due: renew (a periodic token gets its full period back).
+                renewed = client.adapter.post("/v1/auth/token/renew-self", json={})
+                ttl = int(renewed["auth"]["lease_duration"])
+                log.info("renewed the broker's Vault token for %ss", ttl)
+        elif ttl > 0:
+            log.warning("the broker's Vault token is not renewable and expires in %ss", ttl)
+        self._schedule(ttl)
+        if self._renew_at is None and ttl <= 0:
+            self._renew_at = None
+
+    def _login(self) -> None:
+        s = self.settings
+        client = self._bare_client()
+        if s.auth_method == "approle":
+            mount = s.auth_mount or "approle"
+            assert s.role_id is not None
+            assert s.secret_id is not None
+            body: dict[str, Any] = {
+                "role_id": s.role_id,
+                "secret_id": s.secret_id.get_secret_value(),
+            }
+        else:
+            mount = s.auth_mount or "jwt"
+            assert s.jwt_file is not None
+            try:
+                jwt_text = s.jwt_file.read_text().strip()
+            except OSError as exc:
+                raise ServiceUnavailable(
+                    "the broker cannot read its JWT for OpenBao/Vault login",
+                    code="backend_unavailable",
+                    internal=repr(exc),
+                ) from None
+            body = {"role": s.jwt_role, "jwt": jwt_text}
+        response = client.adapter.post(f"/v1/auth/{mount}/login", json=body)
+        auth = response["auth"]
+        self._token = auth["client_token"]
+        self.generation += 1
+        self._schedule(int(auth.get("lease_duration") or 0))
+        log.info(
+            "logged in to Vault with %s (token lease %ss)",
+            s.auth_method,
+            auth.get("lease_duration"),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "auth_method": self.settings.auth_method,
+            "token_expires_at": self._expires_at,
+            "renew_at": self._renew_at,
+            "last_error": self.last_error,
+        }
+
+
 class VaultBackend:
-    """Mints from OpenBao/Vault with the broker's own token."""
+    """Mints from OpenBao/Vault with the broker's own identity."""
 
     name = "vault"
+    revocation: Revocation = "revoke"
 
-    def __init__(self, settings: VaultSettings) -> None:
+    def __init__(
+        self,
+        settings: VaultSettings,
+        *,
+        cluster: str = "broker",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        self.cluster = cluster
+        self.clock = clock
+        self.auth = VaultAuth(settings, clock)
         self._local = threading.local()
+        self._policy_cache: dict[str, tuple[float, str | None]] = {}
+        self._targets: dict[tuple[str, str], tuple[float, DatabaseTarget]] = {}
 
     @property
     def client(self) -> hvac.Client:
+        """This thread's client, carrying the broker's current token."""
+        token = self.auth.token()
         # requests.Session is not thread-safe to share; keep one client per thread.
         client: hvac.Client | None = getattr(self._local, "client", None)
         if client is None:
-            token = self.settings.token.get_secret_value() if self.settings.token else None
             client = hvac.Client(
                 url=self.settings.addr,
                 token=token,
@@ -61,9 +275,43 @@ class VaultBackend:
                 verify=self.settings.verify_tls,
             )
             self._local.client = client
+        elif client.token != token:
+            client.token = token
         return client
 
+    def _as(self, token: str) -> hvac.Client:
+        """A client acting as another token (a lease owner); not cached."""
+        return hvac.Client(
+            url=self.settings.addr,
+            token=token,
+            namespace=self.settings.namespace,
+            timeout=int(self.settings.timeout),
+            verify=self.settings.verify_tls,
+        )
+
     # --- interface ------------------------------------------------------------------------
+
+    def plan(self, request: MintRequest) -> dict[str, Any]:
+        """Check the rendered spec; the token metadata is what identifies the credential later."""
+        spec = request.spec
+        if isinstance(spec, VaultTokenBackend):
+            for policy in spec.policies:
+                if not _POLICY_NAME.fullmatch(policy):
+                    raise InvalidRequest(
+                        "a rendered policy name is not a plain Vault name", code="invalid_policy"
+                    )
+                if policy in FORBIDDEN_POLICIES:
+                    raise InvalidRequest(
+                        "the root policy can never be requested", code="forbidden_policy"
+                    )
+        elif isinstance(spec, VaultDatabaseBackend):
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", spec.role):
+                raise InvalidRequest(
+                    "a rendered database role is not a plain Vault name", code="invalid_role"
+                )
+        else:
+            raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
+        return {"meta": self._meta(request)}
 
     def mint(self, request: MintRequest) -> Minted:
         spec = request.spec
@@ -72,120 +320,331 @@ class VaultBackend:
                 return self._mint_token(request, spec)
             if isinstance(spec, VaultDatabaseBackend):
                 return self._mint_database(request, spec)
-        except _UNAVAILABLE as exc:
+        except requests.exceptions.RequestException as exc:
+            raise _connection_error(exc) from None
+        except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError) as exc:
             raise _unavailable(exc) from None
         except hvac.exceptions.VaultError as exc:
-            raise ServiceUnavailable(
-                "OpenBao/Vault refused to mint the credential",
-                code="backend_refused",
-                internal=repr(exc),
-            ) from None
+            raise _refused(exc) from None
         raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
 
-    def revoke(self, kind: str, handle: str, details: dict[str, Any]) -> None:
+    def revoke(self, ref: RevokeRef) -> None:
         try:
-            if kind == "vault_token":
-                self.client.auth.token.revoke_accessor(handle)
-            elif kind == "vault_lease":
-                self.client.sys.revoke_lease(handle)  # type: ignore[no-untyped-call]
+            if ref.handle is None:
+                self._revoke_by_metadata(ref.credential_id)
+                return
+            # The intent records the template's type; the issuance record the minted kind.
+            if ref.kind == "vault_token":
+                self._revoke_accessor(ref.handle)
+            elif ref.kind in ("vault_lease", "vault_database"):
+                self.client.adapter.put("/v1/sys/leases/revoke", json={"lease_id": ref.handle})
+                owner = ref.details.get("lease_owner_accessor")
+                if owner:
+                    self._revoke_accessor(str(owner))
             else:
-                raise InvalidRequest(f"the vault backend cannot revoke {kind!r}")
+                raise InvalidRequest(f"the vault backend cannot revoke {ref.kind!r}")
         except hvac.exceptions.InvalidRequest as exc:
-            # An accessor or lease that no longer exists is already revoked.
-            if (
-                "invalid accessor" in str(exc)
-                or "lease not found" in str(exc)
-                or "invalid lease" in str(exc)
-            ):
+            # A lease or accessor that no longer exists is already revoked.
+            text = str(exc).lower()
+            if any(s in text for s in ("invalid accessor", "lease not found", "invalid lease")):
                 return
             raise ServiceUnavailable(
-                "OpenBao/Vault refused the revocation", internal=repr(exc)
+                "OpenBao/Vault refused the revocation", internal=repr(exc)[:500]
             ) from None
-        except _UNAVAILABLE as exc:
+        except requests.exceptions.RequestException as exc:
             raise _unavailable(exc) from None
         except hvac.exceptions.VaultError as exc:
             raise ServiceUnavailable(
-                "OpenBao/Vault refused the revocation", internal=repr(exc)
+                "OpenBao/Vault refused the revocation", internal=repr(exc)[:500]
             ) from None
 
     def health(self) -> None:
         try:
-            status = self.client.sys.read_health_status(method="GET")
+            status = self._bare_health()
         except Exception as exc:
             raise _unavailable(exc) from None
-        body = status.json() if hasattr(status, "json") else status
-        if isinstance(body, dict) and body.get("sealed"):
+        if status.get("sealed"):
             raise ServiceUnavailable("OpenBao/Vault is sealed", code="backend_unavailable")
+        self.auth.token()  # raises when the broker cannot log in
+
+    def _bare_health(self) -> dict[str, Any]:
+        response = requests.get(
+            f"{self.settings.addr.rstrip('/')}/v1/sys/health",
+            params={"standbyok": "true", "perfstandbyok": "true"},
+            timeout=self.settings.timeout,
+            verify=self.settings.verify_tls,
+        )
+        body: dict[str, Any] = response.json()
+        return body
 
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
             "addr": self.settings.addr,
             "kinds": ["vault_token", "vault_lease"],
+            "token_role": self.settings.token_role,
+            "lease_token_role": self.settings.lease_token_role,
+            "revocation": "by accessor (tokens) and lease id (database credentials)",
+            "auth": self.auth.describe(),
         }
 
-    # --- kinds ----------------------------------------------------------------------------
+    def maintain(self) -> None:
+        self.auth.maintain()
+
+    def inventory(self, cluster: str) -> Iterator[BackendObject]:
+        """Every token carrying this cluster's metadata (needs ``list`` + ``sudo`` on
+        ``auth/token/accessors``); one lookup per token, so it runs at the orphan interval."""
+        try:
+            listing = self.client.adapter.list("/v1/auth/token/accessors")
+        except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
+            raise _unavailable(exc, "OpenBao/Vault did not list its tokens") from None
+        accessors = ((listing or {}).get("data") or {}).get("keys") or []
+        for accessor in accessors:
+            try:
+                data = self.client.adapter.post(
+                    "/v1/auth/token/lookup-accessor", json={"accessor": accessor}
+                )["data"]
+            except hvac.exceptions.VaultError:
+                continue  # expired or revoked since the listing
+            except requests.exceptions.RequestException as exc:
+                raise _unavailable(exc) from None
+            meta = data.get("meta") or {}
+            if meta.get(META_CLUSTER) != cluster or not meta.get(META_CREDENTIAL):
+                continue
+            yield BackendObject(
+                kind="vault_token",
+                handle=str(accessor),
+                credential_id=str(meta[META_CREDENTIAL]),
+                task_id=meta.get(META_TASK),
+                expires_at=_vault_time(data.get("expire_time")),
+                role=str(meta.get(META_ROLE) or "credential"),
+            )
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _meta(self, request: MintRequest, role: str = "credential") -> dict[str, str]:
+        return {
+            META_CLUSTER: request.cluster,
+            META_TASK: request.task_id,
+            META_CREDENTIAL: request.credential_id,
+            META_ROLE: role,
+            "broker_scope": request.scope,
+            "broker_subject": request.subject[:256],
+        }
+
+    def _revoke_accessor(self, accessor: str) -> None:
+        self.client.adapter.post("/v1/auth/token/revoke-accessor", json={"accessor": accessor})
+
+    def _revoke_by_metadata(self, credential_id: str) -> None:
+        """Revoke whatever carries this credential id (a mint whose outcome was unknown)."""
+        for obj in self.inventory(self.cluster):
+            if obj.credential_id == credential_id:
+                self._revoke_accessor(obj.handle)
+
+    def vet_policy(self, name: str) -> None:
+        """Refuse ``root`` and any policy whose text grants ``sudo`` (cached for a minute)."""
+        if name in FORBIDDEN_POLICIES:
+            raise InvalidRequest("the root policy can never be requested", code="forbidden_policy")
+        now = time.monotonic()
+        cached = self._policy_cache.get(name)
+        if cached is None or now - cached[0] > POLICY_CACHE_SECONDS:
+            try:
+                body = self.client.adapter.get(f"/v1/sys/policies/acl/{quote(name, safe='')}")
+                text: str | None = str(body["data"]["policy"])
+            except hvac.exceptions.InvalidPath:
+                text = None
+            cached = (now, text)
+            self._policy_cache[name] = cached
+        text = cached[1]
+        if text is None:
+            raise InvalidRequest(
+                "a policy this scope names does not exist in OpenBao/Vault",
+                code="unknown_policy",
+                internal=f"policy {name!r} not found",
+            )
+        if _SUDO.search(text):
+            raise InvalidRequest(
+                "a policy this scope names grants sudo; the broker never hands those out",
+                code="forbidden_policy",
+                internal=f"policy {name!r} grants sudo",
+            )
+
+    def _create_token(
+        self,
+        role: str | None,
+        *,
+        policies: list[str],
+        ttl: int,
+        num_uses: int,
+        no_default_policy: bool,
+        meta: dict[str, str],
+        display_name: str,
+    ) -> dict[str, Any]:
+        # Every flag is fixed here: nothing a parameter renders can reach renewable, period,
+        # orphan, type or the TTLs.
+        body = {
+            "policies": policies,
+            "no_default_policy": no_default_policy,
+            "ttl": f"{ttl}s",
+            "explicit_max_ttl": f"{ttl}s",
+            "num_uses": num_uses,
+            "renewable": False,
+            "display_name": display_name[:64],
+            "meta": meta,
+            "type": "service",
+        }
+        path = f"/v1/auth/token/create/{quote(role, safe='')}" if role else "/v1/auth/token/create"
+        auth: dict[str, Any] = self.client.adapter.post(path, json=body)["auth"]
+        return auth
 
     def _mint_token(self, request: MintRequest, spec: VaultTokenBackend) -> Minted:
         policies = list(spec.policies)
-        if FORBIDDEN_POLICIES.intersection(policies):
-            raise InvalidRequest("the root policy can never be requested", code="forbidden_policy")
-        ttl = f"{request.ttl}s"
-        response = self.client.auth.token.create(
-            role_name=self.settings.token_role,
+        for policy in policies:
+            self.vet_policy(policy)
+        auth = self._create_token(
+            self.settings.token_role,
             policies=policies,
-            no_default_policy=spec.no_default_policy,
-            ttl=ttl,
-            explicit_max_ttl=ttl,
+            ttl=request.ttl,
             num_uses=request.max_uses or 0,
-            renewable=False,
-            display_name=f"broker-{request.scope}"[:64],
-            meta={
-                "broker_task": request.task_id,
-                "broker_credential": request.credential_id,
-                "broker_scope": request.scope,
-                "broker_subject": request.subject[:256],
-            },
+            no_default_policy=spec.no_default_policy,
+            meta=self._meta(request),
+            display_name=f"broker-{request.scope}",
         )
-        auth = response["auth"]
-        token = auth["client_token"]
-        lease = int(auth.get("lease_duration") or request.ttl)
+        token = str(auth["client_token"])
+        accessor = str(auth["accessor"])
+        lease = int(auth.get("lease_duration") or 0)
+        granted = list(auth.get("token_policies") or auth.get("policies") or [])
+        if lease <= 0 or lease > request.ttl or FORBIDDEN_POLICIES.intersection(granted):
+            # Vault gave more than asked (a misconfigured role): take it back, fail closed.
+            with contextlib.suppress(Exception):
+                self._revoke_accessor(accessor)
+            raise ServiceUnavailable(
+                "OpenBao/Vault issued a token wider than the scope allows; it was revoked",
+                code="backend_refused",
+                internal=f"lease={lease} ttl={request.ttl} policies={granted}",
+            )
+        env = {"VAULT_ADDR": self.settings.addr, "VAULT_TOKEN": token}
+        if self.settings.namespace:
+            env["VAULT_NAMESPACE"] = self.settings.namespace
         return Minted(
             kind="vault_token",
-            handle=auth["accessor"],
-            expires_at=time.time() + lease,
+            handle=accessor,
+            expires_at=self.clock() + lease,
             secret={"token": token},
-            env={"VAULT_ADDR": self.settings.addr, "VAULT_TOKEN": token},
+            env=env,
             details={
-                "policies": auth.get("policies", policies),
+                "accessor": accessor,
+                "policies": granted or policies,
                 "ttl": lease,
                 "num_uses": request.max_uses or 0,
             },
         )
 
-    def _mint_database(self, request: MintRequest, spec: VaultDatabaseBackend) -> Minted:
-        response = self.client.secrets.database.generate_credentials(
-            name=spec.role,
-            mount_point=spec.mount,  # type: ignore[no-untyped-call]
+    def database_target(self, mount: str, role: str) -> DatabaseTarget:
+        """Host, port and database of a role's connection (cached for five minutes)."""
+        key = (mount, role)
+        now = time.monotonic()
+        cached = self._targets.get(key)
+        if cached is not None and now - cached[0] < 300:
+            return cached[1]
+        m = quote(mount, safe="")
+        role_data = self.client.adapter.get(f"/v1/{m}/roles/{quote(role, safe='')}")["data"]
+        config = self.client.adapter.get(
+            f"/v1/{m}/config/{quote(str(role_data['db_name']), safe='')}"
+        )["data"]
+        url = str((config.get("connection_details") or {}).get("connection_url") or "")
+        parts = urlsplit(url.replace("{{username}}", "u").replace("{{password}}", "p"))
+        query = parse_qs(parts.query)
+        target = DatabaseTarget(
+            plugin=str(config.get("plugin_name") or ""),
+            host=parts.hostname,
+            port=parts.port,
+            dbname=parts.path.lstrip("/") or None,
+            sslmode=query["sslmode"][0] if query.get("sslmode") else None,
         )
-        lease_id = response["lease_id"]
-        lease = int(response.get("lease_duration") or request.ttl)
-        if lease > request.ttl:
-            # The role's default TTL is longer than the task allows: shorten the lease itself.
-            with contextlib.suppress(hvac.exceptions.VaultError):
-                self.client.sys.renew_lease(lease_id=lease_id, increment=request.ttl)  # type: ignore[no-untyped-call]
-            lease = min(lease, request.ttl)
-        data = response["data"]
+        self._targets[key] = (now, target)
+        return target
+
+    def _mint_database(self, request: MintRequest, spec: VaultDatabaseBackend) -> Minted:
+        creds_path = f"/v1/{quote(spec.mount, safe='')}/creds/{quote(spec.role, safe='')}"
+        owner_accessor: str | None = None
+        lease_id: str | None = None
+        reader = self.client
+        try:
+            if self.settings.lease_token_role:
+                # The lease belongs to an internal token carrying the broker's metadata: the
+                # orphan scan can find it, and revoking it drops the database user. Its policies
+                # are the lease token role's allowed policies.
+                owner = self._create_token(
+                    self.settings.lease_token_role,
+                    policies=[],
+                    ttl=request.ttl,
+                    num_uses=0,  # a use count would revoke the owner, and its lease, after a read
+                    no_default_policy=False,
+                    meta=self._meta(request, role="lease_owner"),
+                    display_name=f"broker-{spec.role}",
+                )
+                owner_accessor = str(owner["accessor"])
+                reader = self._as(str(owner["client_token"]))
+            response = reader.adapter.get(creds_path)
+            lease_id = str(response["lease_id"])
+            lease = int(response.get("lease_duration") or 0)
+            data = response["data"]
+            if lease <= 0 or lease > request.ttl:
+                # The role's default TTL is longer than the task allows: shorten the lease (and
+                # the user's VALID UNTIL) before anything leaves the broker.
+                renewed = self.client.adapter.put(
+                    "/v1/sys/leases/renew", json={"lease_id": lease_id, "increment": request.ttl}
+                )
+                lease = int(renewed.get("lease_duration") or 0)
+                if lease <= 0 or lease > request.ttl:
+                    raise ServiceUnavailable(
+                        "OpenBao/Vault would not shorten the database lease to the task's TTL",
+                        code="backend_refused",
+                        internal=f"lease={lease} ttl={request.ttl}",
+                    )
+            target = self.database_target(spec.mount, spec.role)
+        except BaseException:
+            # Nothing half-made may outlive a failed mint.
+            with contextlib.suppress(Exception):
+                if lease_id is not None:
+                    self.client.adapter.put("/v1/sys/leases/revoke", json={"lease_id": lease_id})
+            with contextlib.suppress(Exception):
+                if owner_accessor is not None:
+                    self._revoke_accessor(owner_accessor)
+            raise
+        username = str(data["username"])
+        password = str(data["password"])
+        env = {"PGUSER": username, "PGPASSWORD": password}
+        if target.plugin.startswith("postgresql") and target.host:
+            env.update(
+                {
+                    "PGHOST": target.host,
+                    "PGPORT": str(target.port or 5432),
+                    "PGDATABASE": target.dbname or "postgres",
+                }
+            )
+            query = f"?sslmode={target.sslmode}" if target.sslmode else ""
+            env["DATABASE_URL"] = (
+                f"postgresql://{quote(username, safe='')}:{quote(password, safe='')}"
+                f"@{target.host}:{target.port or 5432}/{target.dbname or 'postgres'}{query}"
+            )
+            if target.sslmode:
+                env["PGSSLMODE"] = target.sslmode
         return Minted(
             kind="vault_lease",
             handle=lease_id,
-            expires_at=time.time() + lease,
-            secret={"username": data["username"], "password": data["password"]},
-            env={"PGUSER": data["username"], "PGPASSWORD": data["password"]},
+            expires_at=self.clock() + lease,
+            secret={"username": username, "password": password},
+            env=env,
             details={
                 "mount": spec.mount,
                 "role": spec.role,
-                "username": data["username"],
+                "username": username,
                 "ttl": lease,
+                "lease_owner_accessor": owner_accessor,
+                "host": target.host,
+                "port": target.port,
+                "database": target.dbname,
             },
         )

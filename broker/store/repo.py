@@ -759,3 +759,250 @@ def webhook_deliveries(
     if task_id is not None:
         query = query.where(w.c.task_id == task_id)
     return [dict(r) for r in conn.execute(query.limit(limit)).mappings()]
+
+
+# --- minting lifecycle: reaper claims, kill switches, signing keys, shared jobs --------------
+
+
+def claim_credentials(
+    conn: Connection,
+    *,
+    now: float,
+    stale_before: float,
+    lease: float,
+    limit: int,
+    skip_locked: bool,
+) -> list[Credential]:
+    """Claim credentials the reaper must act on, and hide them from other replicas for ``lease``.
+
+    Due are: ``revoke_pending`` whose next attempt is due, ``minting`` intents older than
+    ``stale_before`` (a crashed or stuck mint), and ``active`` credentials whose task has ended
+    (a revocation that never ran). Rows another replica holds are skipped (``SKIP LOCKED``).
+    """
+    c = t.credentials.c
+    ended = [s.value for s in TaskState if s.terminal]
+    due_time = c.next_attempt_at.is_(None) | (c.next_attempt_at <= now)
+    query = (
+        select(t.credentials)
+        .where(
+            due_time,
+            (c.state == CredentialState.REVOKE_PENDING.value)
+            | ((c.state == CredentialState.MINTING.value) & (c.created_at <= stale_before))
+            | (
+                (c.state == CredentialState.ACTIVE.value)
+                & c.task_id.in_(select(t.tasks.c.id).where(t.tasks.c.state.in_(ended)))
+            ),
+        )
+        .order_by(c.created_at)
+        .limit(limit)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True, of=t.credentials)
+    claimed = [_credential(r) for r in conn.execute(query).mappings()]
+    if claimed:
+        conn.execute(
+            update(t.credentials)
+            .where(c.id.in_([x.id for x in claimed]))
+            .values(next_attempt_at=now + lease)
+        )
+    return claimed
+
+
+def expire_lapsed_credentials(conn: Connection, now: float, limit: int) -> list[Credential]:
+    """Active credentials past their expiry (the backend expired them itself), marked expired."""
+    c = t.credentials.c
+    rows = conn.execute(
+        select(t.credentials)
+        .where(c.state == CredentialState.ACTIVE.value, c.expires_at <= now)
+        .order_by(c.expires_at)
+        .limit(limit)
+    ).mappings()
+    lapsed = [_credential(r) for r in rows]
+    for cred in lapsed:
+        conn.execute(
+            update(t.credentials)
+            .where(c.id == cred.id, c.state == CredentialState.ACTIVE.value)
+            .values(state=CredentialState.EXPIRED.value, next_attempt_at=None)
+        )
+    return lapsed
+
+
+def active_tasks_past_end(
+    conn: Connection, now: float, limit: int, *, skip_locked: bool
+) -> list[Task]:
+    """Active tasks whose end (the credential's expiry or the session's) has passed."""
+    c = t.tasks.c
+    query = (
+        select(t.tasks)
+        .where(c.state == TaskState.ACTIVE.value, c.ends_at <= now)
+        .order_by(c.ends_at)
+        .limit(limit)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    return [_task(r) for r in conn.execute(query).mappings()]
+
+
+def tasks_of_ended_sessions(
+    conn: Connection, now: float, limit: int, *, skip_locked: bool
+) -> list[Task]:
+    """Open tasks whose session has ended or expired: they end with it."""
+    c = t.tasks.c
+    s = t.sessions.c
+    live = [TaskState.PENDING.value, TaskState.APPROVED.value, TaskState.ACTIVE.value]
+    query = (
+        select(t.tasks)
+        .where(
+            c.state.in_(live),
+            c.session_id.in_(select(s.id).where(s.ended_at.is_not(None) | (s.expires_at <= now))),
+        )
+        .order_by(c.created_at)
+        .limit(limit)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True, of=t.tasks)
+    return [_task(r) for r in conn.execute(query).mappings()]
+
+
+def credentials_by_ids(conn: Connection, ids: Sequence[str]) -> dict[str, Credential]:
+    if not ids:
+        return {}
+    rows = conn.execute(select(t.credentials).where(t.credentials.c.id.in_(list(ids)))).mappings()
+    return {r["id"]: _credential(r) for r in rows}
+
+
+def list_credentials(
+    conn: Connection,
+    *,
+    states: Sequence[CredentialState] | None = None,
+    backend: str | None = None,
+    limit: int = 100,
+) -> list[Credential]:
+    """Credentials for operators, newest first (never a secret: there is none in the store)."""
+    c = t.credentials.c
+    query = select(t.credentials)
+    if states is not None:
+        query = query.where(c.state.in_([s.value for s in states]))
+    if backend is not None:
+        query = query.where(c.backend == backend)
+    rows = conn.execute(query.order_by(c.created_at.desc()).limit(limit)).mappings()
+    return [_credential(r) for r in rows]
+
+
+def count_credentials_by_state(conn: Connection) -> dict[str, int]:
+    c = t.credentials.c
+    rows = conn.execute(select(c.state, func.count()).group_by(c.state)).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+def insert_kill_switch(conn: Connection, **values: Any) -> None:
+    conn.execute(insert(t.kill_switches).values(**values))
+
+
+def kill_switches(
+    conn: Connection,
+    *,
+    target: str | None = None,
+    live_at: float | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """Kill switch entries; with ``live_at``, only those neither lifted nor expired then."""
+    k = t.kill_switches.c
+    query = select(t.kill_switches)
+    if target is not None:
+        query = query.where(k.target == target)
+    if live_at is not None:
+        query = query.where(k.lifted_at.is_(None), k.expires_at > live_at)
+    rows = conn.execute(query.order_by(k.created_at).limit(limit)).mappings()
+    return [dict(r) for r in rows]
+
+
+def kill_switch_targets(conn: Connection, since: float) -> list[tuple[str, str]]:
+    """(backend, target) of every entry that was live at some point after ``since``."""
+    k = t.kill_switches.c
+    rows = conn.execute(
+        select(k.backend, k.target)
+        .where((k.expires_at > since) & (k.lifted_at.is_(None) | (k.lifted_at > since)))
+        .distinct()
+    ).all()
+    return [(str(b), str(tg)) for b, tg in rows]
+
+
+def lift_kill_switch(conn: Connection, switch_id: str, now: float) -> dict[str, Any] | None:
+    k = t.kill_switches.c
+    res = conn.execute(
+        update(t.kill_switches)
+        .where(k.id == switch_id, k.lifted_at.is_(None))
+        .values(lifted_at=now)
+    )
+    if res.rowcount != 1:
+        return None
+    row = conn.execute(select(t.kill_switches).where(k.id == switch_id)).mappings().first()
+    return dict(row) if row else None
+
+
+def publish_signing_key(
+    conn: Connection,
+    *,
+    kid: str,
+    alg: str,
+    jwk: dict[str, Any],
+    created_at: float,
+    signs_until: float,
+) -> None:
+    """Publish a public key (idempotent); a later ``signs_until`` replaces an earlier one."""
+    k = t.signing_keys.c
+    existing = conn.execute(select(k.signs_until).where(k.kid == kid)).first()
+    if existing is None:
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(t.signing_keys).values(
+                        kid=kid, alg=alg, jwk=jwk, created_at=created_at, signs_until=signs_until
+                    )
+                )
+            return
+        except IntegrityError:
+            pass  # another replica published it first
+    conn.execute(update(t.signing_keys).where(k.kid == kid).values(signs_until=signs_until))
+
+
+def signing_key(conn: Connection, kid: str) -> dict[str, Any] | None:
+    row = conn.execute(select(t.signing_keys).where(t.signing_keys.c.kid == kid)).mappings().first()
+    return dict(row) if row else None
+
+
+def signing_keys_since(conn: Connection, since: float) -> list[dict[str, Any]]:
+    k = t.signing_keys.c
+    rows = conn.execute(
+        select(t.signing_keys).where(k.signs_until >= since).order_by(k.created_at.desc())
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+def claim_job(conn: Connection, name: str, now: float, interval: float, owner: str) -> bool:
+    """Claim a periodic job for this run: True for exactly one replica per interval."""
+    j = t.reaper_jobs.c
+    exists = conn.execute(select(j.name).where(j.name == name)).first()
+    if exists is None:
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(t.reaper_jobs).values(
+                        name=name, next_run_at=now + interval, last_run_at=now, last_owner=owner
+                    )
+                )
+            return True
+        except IntegrityError:
+            pass
+    res = conn.execute(
+        update(t.reaper_jobs)
+        .where(j.name == name, j.next_run_at <= now)
+        .values(next_run_at=now + interval, last_run_at=now, last_owner=owner)
+    )
+    return res.rowcount == 1
+
+
+def reaper_job(conn: Connection, name: str) -> dict[str, Any] | None:
+    row = conn.execute(select(t.reaper_jobs).where(t.reaper_jobs.c.name == name)).mappings().first()
+    return dict(row) if row else None

@@ -246,3 +246,48 @@ webhook_deliveries = Table(
     Column("last_error", Text),
 )
 Index("ix_webhook_deliveries_due", webhook_deliveries.c.state, webhook_deliveries.c.next_attempt_at)
+
+#: The broker's own signing keys, public halves only (the private keys stay in files). Every
+#: replica publishes its keys here, so any replica's JWKS and checkpoint verification knows all.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("jwk", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+    #: The key signs nothing after this; it stays published while what it signed may be valid.
+    Column("signs_until", Float, nullable=False),
+)
+
+#: Kill switches for credentials that cannot be revoked one by one (AWS STS): the desired deny
+#: entries of each role's inline kill-switch policy. The reaper reconciles IAM with these rows.
+kill_switches = Table(
+    "kill_switches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("backend", String(64), nullable=False),
+    Column("target", String(2048), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("value", String(256), nullable=False),
+    Column("task_id", String(40)),
+    Column("credential_id", String(40)),
+    Column("reason", Text, nullable=False),
+    Column("created_by", String(1100), nullable=False),
+    Column("created_at", Float, nullable=False),
+    #: After this, every credential the entry could concern has expired: it may be dropped.
+    Column("expires_at", Float, nullable=False),
+    Column("lifted_at", Float),
+)
+Index("ix_kill_switches_target", kill_switches.c.target, kill_switches.c.expires_at)
+
+#: Periodic background jobs shared by replicas without a leader: a replica runs a job only after
+#: moving its ``next_run_at`` forward in a compare-and-set update.
+reaper_jobs = Table(
+    "reaper_jobs",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("next_run_at", Float, nullable=False),
+    Column("last_run_at", Float),
+    Column("last_owner", String(64)),
+)

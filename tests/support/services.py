@@ -18,7 +18,7 @@ import uvicorn
 from broker.api.app import create_app
 from broker.devstack import openbao as bao_provision
 from broker.devstack.processes import ManagedProcess, free_port, start_moto, start_openbao
-from broker.settings import Settings
+from broker.settings import Settings, VaultSettings
 from broker.wiring import Broker, build_broker
 
 PG_ADMIN_URL = os.environ.get("BROKER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -31,6 +31,19 @@ class OpenBao:
     root_token: str
     broker_token: str
     state_dir: Path
+    #: The PostgreSQL database behind the ``database`` secrets engine (None without PostgreSQL).
+    database: bao_provision.DemoDatabase | None = None
+
+    def vault_settings(self, **overrides: Any) -> VaultSettings:
+        """How a broker reaches this server: its own token and both token roles."""
+        values: dict[str, Any] = {
+            "addr": self.addr,
+            "token": self.broker_token,
+            "token_role": bao_provision.CHILD_ROLE,
+            "lease_token_role": bao_provision.LEASE_ROLE,
+        }
+        values.update(overrides)
+        return VaultSettings(**values)
 
     @property
     def audit_log(self) -> Path:
@@ -42,13 +55,29 @@ class OpenBao:
         )
 
 
-def start_test_openbao(state_dir: Path, *, socket_address: str | None = None) -> OpenBao:
+def start_test_openbao(
+    state_dir: Path, *, socket_address: str | None = None, with_database: bool = False
+) -> OpenBao:
+    """A provisioned OpenBao; ``with_database`` also configures the database secrets engine on
+    a fresh PostgreSQL database (dropped by :func:`stop_test_openbao`)."""
     port = free_port()
     root = "test-root-" + secrets.token_hex(8)
     proc = start_openbao(state_dir, port, root, socket_address=socket_address)
     addr = f"http://127.0.0.1:{port}"
     broker_token = bao_provision.provision(addr, root, state_dir / "bao-home")
-    return OpenBao(proc, addr, root, broker_token, state_dir)
+    bao = OpenBao(proc, addr, root, broker_token, state_dir)
+    if with_database:
+        bao.database = bao_provision.create_demo_database(
+            PG_ADMIN_URL, "broker_bao_" + secrets.token_hex(6)
+        )
+        bao_provision.provision_database(addr, root, state_dir / "bao-home", bao.database)
+    return bao
+
+
+def stop_test_openbao(bao: OpenBao) -> None:
+    bao.process.stop()
+    if bao.database is not None:
+        bao_provision.drop_demo_database(bao.database)
 
 
 @dataclass
@@ -58,9 +87,14 @@ class Moto:
 
 
 def start_test_moto(state_dir: Path) -> Moto:
+    """moto with the example scopes' IAM roles (broker-s3-read, broker-deploy)."""
+    from broker.backends.aws_sts import provision_dev_roles
+
     port = free_port()
     proc = start_moto(state_dir, port)
-    return Moto(proc, f"http://127.0.0.1:{port}")
+    endpoint = f"http://127.0.0.1:{port}"
+    provision_dev_roles(endpoint)
+    return Moto(proc, endpoint)
 
 
 def pg_available() -> str | None:

@@ -1,0 +1,466 @@
+"""AWS STS: AssumeRole with a session policy, SourceIdentity and session tags.
+
+Every request the broker makes to AWS goes through this module (the only one importing boto3).
+The broker's own AWS identity comes from the standard credential chain (environment, shared
+files, container or instance role, web identity).
+
+STS credentials cannot be revoked one by one. What the broker offers instead (see
+``docs/backends.md``) are kill switches, written as one inline policy on the role:
+
+- per task: ``Deny *`` for sessions whose ``aws:SourceIdentity`` is the task's (every credential
+  the broker mints for a task carries the task's SourceIdentity, and it survives role chaining);
+- per role: ``Deny *`` for sessions whose ``aws:TokenIssueTime`` is before a moment.
+
+The broker keeps the desired entries in its store; this module only reads and writes the
+policy document (``read_kill_switch``/``write_kill_switch``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from broker.backends import sts_rules
+from broker.backends.base import Minted, MintOutcomeUnknown, MintRequest, Revocation, RevokeRef
+from broker.domain.scope import AwsStsBackend as AwsStsSpec
+from broker.errors import InvalidRequest, ServiceUnavailable
+from broker.settings import AwsSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_iam.client import IAMClient
+    from mypy_boto3_sts.client import STSClient
+
+log = logging.getLogger(__name__)
+
+#: How long what the broker learnt about a role (exists, MaxSessionDuration) is reused.
+ROLE_CACHE_SECONDS = 300.0
+#: How long a successful health check (GetCallerIdentity) is reused.
+HEALTH_CACHE_SECONDS = 30.0
+#: Refusals from STS that prove nothing was issued and that retrying cannot fix.
+_REFUSALS = {
+    "PackedPolicyTooLarge",
+    "MalformedPolicyDocument",
+    "ValidationError",
+    "AccessDenied",
+    "RegionDisabledException",
+    "ExpiredTokenException",
+    "InvalidParameterValue",
+}
+_NOT_SENT = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+)
+_MAYBE_SENT = (
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+)
+
+
+def role_name(role_arn: str) -> str:
+    """The role's name (the last path segment of its ARN)."""
+    return role_arn.split(":role/", 1)[1].rsplit("/", 1)[-1]
+
+
+def _error_code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class AwsStsBackend:
+    """Mints AWS credentials with AssumeRole."""
+
+    name = "aws_sts"
+    revocation: Revocation = "deny_list"
+
+    def __init__(
+        self,
+        settings: AwsSettings,
+        *,
+        cluster: str = "broker",
+        clock: Callable[[], float] = time.time,
+        session: boto3.session.Session | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.clock = clock
+        self._session = session
+        self._lock = threading.Lock()
+        self._sts: STSClient | None = None
+        self._iam: IAMClient | None = None
+        self._roles: dict[str, tuple[float, int | None]] = {}
+        self._caller: tuple[float, str] | None = None
+        self.role_checks = "on" if settings.verify_roles else "off"
+
+    # --- clients (thread-safe once built; the boto3 session is not, so build under a lock) --
+
+    def _config(self) -> Config:
+        return Config(
+            region_name=self.settings.region,
+            connect_timeout=self.settings.timeout,
+            read_timeout=self.settings.timeout,
+            # Standard mode retries throttling and transient errors by resending the very same
+            # request; the broker never makes a second, different AssumeRole call.
+            retries={"mode": "standard", "max_attempts": 3},
+        )
+
+    @property
+    def sts(self) -> STSClient:
+        if self._sts is None:
+            with self._lock:
+                if self._sts is None:
+                    session = self._session or boto3.session.Session()
+                    self._sts = session.client(
+                        "sts", endpoint_url=self.settings.endpoint_url, config=self._config()
+                    )
+        return self._sts
+
+    @property
+    def iam(self) -> IAMClient:
+        if self._iam is None:
+            with self._lock:
+                if self._iam is None:
+                    session = self._session or boto3.session.Session()
+                    self._iam = session.client(
+                        "iam", endpoint_url=self.settings.endpoint_url, config=self._config()
+                    )
+        return self._iam
+
+    # --- interface ------------------------------------------------------------------------
+
+    def plan(self, request: MintRequest) -> dict[str, Any]:
+        """Every STS rule checked without I/O; the identifiers recorded with the intent."""
+        spec = request.spec
+        if not isinstance(spec, AwsStsSpec):
+            raise InvalidRequest(f"the aws_sts backend cannot mint {type(spec).__name__}")
+        params = self._parameters(request, spec, role_max=None, chained=False)
+        return {
+            "role_arn": spec.role_arn,
+            "source_identity": params["SourceIdentity"],
+            "role_session_name": params["RoleSessionName"],
+            "duration": params["DurationSeconds"],
+            # The latest a credential minted from this intent can live (kill switches last as long).
+            "max_expires_at": self.clock() + params["DurationSeconds"] + 60,
+        }
+
+    def _parameters(
+        self, request: MintRequest, spec: AwsStsSpec, *, role_max: int | None, chained: bool
+    ) -> dict[str, Any]:
+        tags = {
+            "broker:cluster": request.cluster,
+            "broker:task": request.task_id,
+            "broker:credential": request.credential_id,
+            "broker:scope": request.scope,
+            "broker:subject": sts_rules.sanitize_tag_value(request.subject),
+        }
+        for key, value in spec.tags.items():
+            if key.lower().startswith("broker:"):
+                raise InvalidRequest(
+                    "a scope's session tags cannot use the broker: prefix", code="sts_invalid_tag"
+                )
+            tags[key] = value
+        params: dict[str, Any] = {
+            "RoleArn": spec.role_arn,
+            "RoleSessionName": sts_rules.role_session_name(request.credential_id, request.subject),
+            "SourceIdentity": sts_rules.source_identity(request.task_id, request.subject),
+            "DurationSeconds": sts_rules.duration(
+                request.ttl, template_cap=spec.role_max_session, role_max=role_max, chained=chained
+            ),
+            "Tags": sts_rules.session_tags(tags),
+        }
+        policy = sts_rules.session_policy(spec.session_policy)
+        if policy is not None:
+            params["Policy"] = policy
+        arns = list(getattr(spec, "policy_arns", None) or [])
+        if arns:
+            params["PolicyArns"] = sts_rules.policy_arns(arns)
+        transitive = list(getattr(spec, "transitive_tag_keys", None) or [])
+        if transitive:
+            params["TransitiveTagKeys"] = sts_rules.transitive_tag_keys(transitive, tags)
+        external_id = sts_rules.check_external_id(spec.external_id)
+        if external_id is not None:
+            params["ExternalId"] = external_id
+        return params
+
+    def mint(self, request: MintRequest) -> Minted:
+        spec = request.spec
+        if not isinstance(spec, AwsStsSpec):
+            raise InvalidRequest(f"the aws_sts backend cannot mint {type(spec).__name__}")
+        try:
+            role_max = self._role_max(spec.role_arn)
+            chained = ":assumed-role/" in self._caller_arn()
+            params = self._parameters(request, spec, role_max=role_max, chained=chained)
+            response = self.sts.assume_role(**params)
+        except botocore.exceptions.ClientError as exc:
+            code = _error_code(exc)
+            raise ServiceUnavailable(
+                "AWS STS refused to issue the credential"
+                if code in _REFUSALS
+                else "AWS STS could not issue the credential",
+                code="backend_refused" if code in _REFUSALS else "backend_unavailable",
+                internal=f"{code}: {exc}"[:500],
+            ) from None
+        except _NOT_SENT as exc:
+            raise ServiceUnavailable(
+                "AWS STS is unavailable", code="backend_unavailable", internal=repr(exc)[:500]
+            ) from None
+        except _MAYBE_SENT as exc:
+            raise MintOutcomeUnknown(
+                "AWS STS did not answer in time; nothing was issued", internal=repr(exc)[:500]
+            ) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise ServiceUnavailable(
+                "AWS STS is unavailable", code="backend_unavailable", internal=repr(exc)[:500]
+            ) from None
+        creds = response["Credentials"]
+        expires_at = creds["Expiration"].timestamp()
+        packed = response.get("PackedPolicySize")
+        if sts_rules.check_packed_policy_size(packed):
+            log.warning(
+                "session policy and tags for %s use %s%% of STS's packed size",
+                request.scope,
+                packed,
+            )
+        env = {
+            "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": creds["SessionToken"],
+            "AWS_REGION": self.settings.region,
+            "AWS_DEFAULT_REGION": self.settings.region,
+            "AWS_CREDENTIAL_EXPIRATION": sts_rules.iso_utc(expires_at),
+        }
+        if self.settings.endpoint_url:
+            env["AWS_ENDPOINT_URL"] = self.settings.endpoint_url
+        return Minted(
+            kind="aws_sts",
+            handle=creds["AccessKeyId"],
+            expires_at=expires_at,
+            secret={
+                "access_key_id": creds["AccessKeyId"],
+                "secret_access_key": creds["SecretAccessKey"],
+                "session_token": creds["SessionToken"],
+            },
+            env=env,
+            details={
+                "role_arn": spec.role_arn,
+                "assumed_role_arn": response["AssumedRoleUser"]["Arn"],
+                "source_identity": params["SourceIdentity"],
+                "role_session_name": params["RoleSessionName"],
+                "duration": params["DurationSeconds"],
+                "packed_policy_size": packed,
+                "session_policy_chars": len(params.get("Policy", "")),
+                "max_expires_at": expires_at,
+            },
+        )
+
+    def revoke(self, ref: RevokeRef) -> None:
+        """STS cannot revoke a session; the broker's kill switches deny it instead."""
+        raise ServiceUnavailable(
+            "AWS STS credentials cannot be revoked one by one; the broker uses a kill switch",
+            code="not_revocable",
+        )
+
+    def health(self) -> None:
+        now = time.monotonic()
+        if self._caller is not None and now - self._caller[0] < HEALTH_CACHE_SECONDS:
+            return
+        self._caller = None
+        self._caller_arn()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "region": self.settings.region,
+            "endpoint_url": self.settings.endpoint_url,
+            "kinds": ["aws_sts"],
+            "revocation": "kill switch (deny by SourceIdentity per task, by TokenIssueTime per role)",
+            "role_checks": self.role_checks,
+            "kill_switch_policy": self.settings.kill_switch_policy,
+        }
+
+    # --- facts about the broker's identity and the roles --------------------------------------
+
+    def _caller_arn(self) -> str:
+        cached = self._caller
+        if cached is not None and time.monotonic() - cached[0] < ROLE_CACHE_SECONDS:
+            return cached[1]
+        try:
+            arn = self.sts.get_caller_identity()["Arn"]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise ServiceUnavailable(
+                "AWS STS is unavailable", code="backend_unavailable", internal=repr(exc)[:500]
+            ) from None
+        self._caller = (time.monotonic(), arn)
+        return arn
+
+    def _role_max(self, role_arn: str) -> int | None:
+        """The role's MaxSessionDuration; refuses a role that does not exist."""
+        if not self.settings.verify_roles:
+            return None
+        cached = self._roles.get(role_arn)
+        if cached is not None and time.monotonic() - cached[0] < ROLE_CACHE_SECONDS:
+            return cached[1]
+        try:
+            role = self.iam.get_role(RoleName=role_name(role_arn))["Role"]
+        except botocore.exceptions.ClientError as exc:
+            code = _error_code(exc)
+            if code == "NoSuchEntity":
+                raise ServiceUnavailable(
+                    "the AWS role this scope names does not exist",
+                    code="backend_refused",
+                    internal=f"role {role_arn} not found",
+                ) from None
+            if code in ("AccessDenied", "AccessDeniedException"):
+                # The broker may not read roles: fall back to the template's declared maximum.
+                if self.role_checks != "denied":
+                    log.warning("iam:GetRole is denied; relying on templates' role_max_session")
+                self.role_checks = "denied"
+                self._roles[role_arn] = (time.monotonic(), None)
+                return None
+            raise
+        if role["Arn"] != role_arn:
+            raise ServiceUnavailable(
+                "the AWS role this scope names does not exist",
+                code="backend_refused",
+                internal=f"role {role_arn} resolved to {role['Arn']}",
+            )
+        max_session = int(role.get("MaxSessionDuration") or 3600)
+        self._roles[role_arn] = (time.monotonic(), max_session)
+        return max_session
+
+    # --- kill switches ------------------------------------------------------------------------
+
+    def read_kill_switch(self, role_arn: str) -> dict[str, Any] | None:
+        """The role's kill-switch policy as IAM holds it, or None."""
+        try:
+            response = self.iam.get_role_policy(
+                RoleName=role_name(role_arn), PolicyName=self.settings.kill_switch_policy
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) == "NoSuchEntity":
+                return None
+            raise ServiceUnavailable(
+                "IAM refused to read the kill switch", code="backend_refused", internal=str(exc)
+            ) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise ServiceUnavailable(
+                "IAM is unavailable", code="backend_unavailable", internal=repr(exc)
+            ) from None
+        document: Any = response["PolicyDocument"]
+        if isinstance(document, str):  # some SDKs and moto versions return it URL-encoded
+            document = json.loads(unquote(document))
+        return dict(document)
+
+    def write_kill_switch(
+        self, role_arn: str, source_identities: Iterable[str], issued_before: float | None
+    ) -> dict[str, Any] | None:
+        """Make the role's kill-switch policy deny exactly these; returns what was written."""
+        document = sts_rules.kill_switch_document(source_identities, issued_before)
+        try:
+            if document is None:
+                try:
+                    self.iam.delete_role_policy(
+                        RoleName=role_name(role_arn), PolicyName=self.settings.kill_switch_policy
+                    )
+                except botocore.exceptions.ClientError as exc:
+                    if _error_code(exc) != "NoSuchEntity":
+                        raise
+                return None
+            text = sts_rules.kill_switch_text(document)
+            self.iam.put_role_policy(
+                RoleName=role_name(role_arn),
+                PolicyName=self.settings.kill_switch_policy,
+                PolicyDocument=text,
+            )
+        except InvalidRequest as exc:
+            raise ServiceUnavailable(exc.detail, code=exc.code, internal=exc.internal) from None
+        except botocore.exceptions.ClientError as exc:
+            raise ServiceUnavailable(
+                "IAM refused to write the kill switch",
+                code="backend_refused",
+                internal=f"{_error_code(exc)}: {exc}"[:500],
+            ) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise ServiceUnavailable(
+                "IAM is unavailable", code="backend_unavailable", internal=repr(exc)[:500]
+            ) from None
+        return document
+
+
+# --- dev and test provisioning (moto) ---------------------------------------------------------
+
+#: The example scopes' roles: (name, MaxSessionDuration).
+EXAMPLE_ROLES = (("broker-s3-read", 3600), ("broker-deploy", 7200))
+EXAMPLE_ACCOUNT = "123456789012"
+
+
+def trust_policy(account: str = EXAMPLE_ACCOUNT) -> str:
+    """A trust policy letting the account's principals assume the role, tag the session and set
+    a source identity (what the broker's AssumeRole needs)."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+                    "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"],
+                }
+            ],
+        }
+    )
+
+
+def provision_dev_roles(
+    endpoint_url: str,
+    roles: Iterable[tuple[str, int]] = EXAMPLE_ROLES,
+    *,
+    region: str = "us-east-1",
+) -> list[str]:
+    """Create the example roles in a moto server (idempotent); returns their ARNs."""
+    session = boto3.session.Session(
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106  # moto's dummy keys
+        region_name=region,
+    )
+    iam = session.client("iam", endpoint_url=endpoint_url)
+    arns = []
+    for name, max_session in roles:
+        try:
+            role = iam.create_role(
+                RoleName=name,
+                AssumeRolePolicyDocument=trust_policy(),
+                MaxSessionDuration=max_session,
+                Description="broker example role (dev)",
+            )["Role"]
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) != "EntityAlreadyExists":
+                raise
+            role = iam.get_role(RoleName=name)["Role"]
+        iam.put_role_policy(
+            RoleName=name,
+            PolicyName="example-permissions",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Action": ["s3:GetObject", "s3:ListBucket"],
+                            "Resource": "*",
+                        }
+                    ],
+                }
+            ),
+        )
+        arns.append(role["Arn"])
+    return arns
