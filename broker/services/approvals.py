@@ -187,15 +187,27 @@ class ApprovalService:
         return [v for v in views if v.may_decide][:limit]
 
     def view(self, session: Session, task_id: str) -> ApprovalView:
-        """One task as an approver sees it (any state), if the caller is an approver."""
+        """One task as an approver sees it (any state).
+
+        Only someone who may decide it (now or under its current template), who already decided
+        it, or who requested it, sees it: other approvers get a 404, as for a task that does not
+        exist, so approval rights on one team's scopes reveal nothing of another's requests.
+        """
         self._require_approver(session)
         self.tasks.expire_due(ids=[task_id])
         now = self.clock()
+        principal = session.principal
         with self.db.read() as conn:
             task = repo.get_task(conn, task_id)
             if task is None or task.approvals_required == 0:
                 raise NotFound("no such task awaiting approvers", code="unknown_task")
-            return self._view(conn, session.principal, task, now)
+            view = self._view(conn, principal, task, now)
+            claims, _ = self._requester_claims(conn, task)
+        decided = any((a.issuer, a.subject) == principal.key for a in view.approvals)
+        eligible = self._eligibility(principal, task, view.template, claims)
+        if not decided and eligible is not None and eligible.code != "self_approval":
+            raise NotFound("no such task awaiting approvers", code="unknown_task")
+        return view
 
     # --- decide ---------------------------------------------------------------------------
 

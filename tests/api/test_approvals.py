@@ -153,6 +153,9 @@ def test_only_eligible_approvers_decide(issuer: TestIssuer, make_settings: Any) 
         assert (wrong.status_code, wrong.json()["code"]) == (403, "not_an_eligible_approver")
         assert "groups equals 'dba'" in wrong.json()["detail"]
         assert people.wrong_group.get("/v1/approvals").json() == []
+        hidden = people.wrong_group.get(f"/v1/approvals/{task['id']}")
+        assert (hidden.status_code, hidden.json()["code"]) == (404, "unknown_task")
+        assert people.dba.get(f"/v1/approvals/{task['id']}").json()["may_decide"] is True
         missing = people.dba.approve("tsk_nope")
         assert (missing.status_code, missing.json()["code"]) == (404, "unknown_task")
         assert refusal_codes(broker, task["id"]) == ["not_an_approver", "not_an_eligible_approver"]
