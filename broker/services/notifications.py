@@ -194,6 +194,10 @@ class WebhookNotifier:
         hooks = [
             h for h in self.hooks.values() if event in h.events and (not wanted or h.name in wanted)
         ]
+        if wanted and not wanted & set(self.hooks):
+            log.warning(
+                "scope %s names webhooks %s, none of them configured", task.scope, sorted(wanted)
+            )
         if not hooks:
             return 0
         body = self.payload(event, task, template, approvals)

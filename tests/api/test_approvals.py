@@ -449,3 +449,19 @@ def test_expiry_is_announced(tmp_path: Path, issuer: TestIssuer, make_settings: 
             assert bodies[1]["task"]["reason"] == "the request expired"
     finally:
         hook.stop()
+
+
+def test_a_deleted_template_voids_its_approvals(
+    tmp_path: Path, openbao: OpenBao, issuer: TestIssuer, make_settings: Any
+) -> None:
+    """Removing a template withdraws it at once: an approved task of it can no longer mint."""
+    folder = scope_folder(tmp_path, ("vault-kv-reviewed", REVIEWED_KV))
+    settings = settings_for(make_settings, issuer, folder, vault=vault(openbao))
+    with running(settings) as (_, client):
+        people = cast(client, issuer)
+        task = people.agent.request("vault-kv-reviewed").json()
+        people.reviewer.approve(task["id"])
+        (folder / "vault-kv-reviewed.yaml").unlink()
+        resp = people.agent.mint(task["id"])
+        assert (resp.status_code, resp.json()["code"]) == (412, "template_changed")
+        assert people.agent.request("vault-kv-reviewed").json()["code"] == "unknown_scope"

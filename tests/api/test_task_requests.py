@@ -251,3 +251,29 @@ def test_concurrent_approvals_on_postgres(
         assert people.agent.task(task["id"])["state"] == winner
         decisions = [e for e in events(broker, task["id"]) if e["name"] == "broker.task.decision"]
         assert [d["attributes"]["broker.decision"] for d in decisions] == [winner]
+
+
+@pytest.mark.postgres
+def test_concurrent_requests_with_one_idempotency_key(
+    pg_url: str, issuer: TestIssuer, make_settings: Any
+) -> None:
+    """Five identical requests with the same Idempotency-Key at once, on PostgreSQL: one task,
+    created once (201) and replayed to the others (200)."""
+    with running(settings_for(make_settings, issuer, database_url=pg_url)) as (broker, client):
+        agent = cast(client, issuer).agent
+        gate = threading.Barrier(5)
+        answers: list[Any] = []
+
+        def ask() -> None:
+            gate.wait()
+            answers.append(agent.request("vault-kv-read", key="same-key"))
+
+        threads = [threading.Thread(target=ask) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r.status_code for r in answers) == [200, 200, 200, 200, 201]
+        assert len({r.json()["id"] for r in answers}) == 1
+        with broker.db.read() as conn:
+            assert len(repo.list_tasks(conn)) == 1
