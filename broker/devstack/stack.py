@@ -45,6 +45,13 @@ class DevStack:
     otlp_endpoint: str | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
+    #: A PostgreSQL superuser URL for the database secrets engine (None: no database engine).
+    postgres_url: str | None = field(
+        default_factory=lambda: os.environ.get(
+            "BROKER_DEV_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        )
+    )
+    database: openbao.DemoDatabase | None = None
 
     def _python_child(self, name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
         proc = ManagedProcess(
@@ -68,10 +75,14 @@ class DevStack:
         self.processes.append(bao)
         vault_addr = f"http://{host}:{self.ports.openbao}"
         broker_token = openbao.provision(vault_addr, root_token, self.state_dir / "bao-home")
+        self._database_engine(vault_addr, root_token)
 
         moto = start_moto(self.state_dir, self.ports.moto)
         self.processes.append(moto)
         aws_endpoint = f"http://{host}:{self.ports.moto}"
+        from broker.backends.aws_sts import provision_dev_roles
+
+        provision_dev_roles(aws_endpoint)
 
         issuer_url = f"http://{host}:{self.ports.issuer}"
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
@@ -117,7 +128,8 @@ class DevStack:
             ),
             "BROKER_VAULT__ADDR": vault_addr,
             "BROKER_VAULT__TOKEN": broker_token,
-            "BROKER_VAULT__TOKEN_ROLE": "broker-child",
+            "BROKER_VAULT__TOKEN_ROLE": openbao.CHILD_ROLE,
+            "BROKER_VAULT__LEASE_TOKEN_ROLE": openbao.LEASE_ROLE,
             "BROKER_AWS__ENDPOINT_URL": aws_endpoint,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -174,10 +186,31 @@ class DevStack:
                 return proc.name
         return None
 
+    def _database_engine(self, vault_addr: str, root_token: str) -> None:
+        """The database secrets engine on a database of this run's own, if PostgreSQL answers."""
+        if not self.postgres_url:
+            return
+        try:
+            self.database = openbao.create_demo_database(
+                self.postgres_url, "broker_dev_" + secrets.token_hex(6)
+            )
+        except Exception as exc:  # no PostgreSQL here: the postgres-* scopes will not mint
+            print(f"note: no database engine ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return
+        openbao.provision_database(
+            vault_addr, root_token, self.state_dir / "bao-home", self.database
+        )
+
     def down(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
+        if self.database is not None:
+            try:
+                openbao.drop_demo_database(self.database)
+            except Exception as exc:
+                print(f"note: could not drop {self.database.name}: {exc}", file=sys.stderr)
+            self.database = None
         if self.env_file is not None and self.env_file.exists():
             self.env_file.unlink()
 
