@@ -48,6 +48,7 @@ from broker.client import (
 from broker.client._protocol import WaitStatus
 from broker.client.config import default_cache_path
 from broker.client.errors import format_duration
+from broker.client.models import describe_approval, scope_parameters
 from broker.client.process import child_env, new_span_id, recorded_command, run
 
 EXIT_OTHER = 1
@@ -174,7 +175,7 @@ def _when(ts: float | None) -> str:
 
 def _parse_params(items: list[str] | None, scope: dict[str, Any] | None) -> dict[str, Any]:
     """``key=value`` typed by the scope's declared parameter type, or ``key:=JSON`` verbatim."""
-    declared: dict[str, Any] = (scope or {}).get("parameters") or {}
+    declared = scope_parameters(scope or {})
     out: dict[str, Any] = {}
     for item in items or []:
         if ":=" in item.split("=", 1)[0] + "=":
@@ -649,18 +650,14 @@ def _show_scopes(scopes: list[dict[str, Any]], as_json: bool) -> None:
         return
     if not scopes:
         typer.echo("no scopes you may request", err=True)
-    from broker.client.models import describe_approval
-
     for scope in scopes:
         approval = scope.get("approval") or {}
         rule = describe_approval(approval) if isinstance(approval, dict) else None
         typer.echo(f"{scope.get('name')}  ({scope.get('backend')}, risk {scope.get('risk')})")
         typer.echo(f"  {scope.get('description', '')}")
         typer.echo(f"  approval: {rule or 'automatic'}")
-        for name, spec in (scope.get("parameters") or {}).items():
-            need = (
-                "required" if spec.get("required", True) and "default" not in spec else "optional"
-            )
+        for name, spec in scope_parameters(scope).items():
+            need = "required" if spec["required"] else "optional"
             extra = f", one of {spec['enum']}" if spec.get("enum") else ""
             desc = f": {spec['description']}" if spec.get("description") else ""
             typer.echo(f"  -p {name}=<{spec.get('type', 'string')}> ({need}{extra}){desc}")

@@ -170,6 +170,10 @@ def _conflict_hint(code: str) -> str:
         "task_not_approved": "wait for the approval (`broker status TASK --wait`)",
         "idempotency_key_reused": "use a new Idempotency-Key for a different request",
         "session_ending": "log in again (`broker login`) and request a new task",
+        "ttl_below_backend_minimum": (
+            "your session ends too soon for this backend's shortest credential: get a fresh ID "
+            "token, `broker login`, and request a new task"
+        ),
     }.get(code, "check the task's state with `broker status TASK`")
 
 

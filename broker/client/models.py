@@ -211,6 +211,26 @@ class Grant:
         return self.credential.expires_at
 
 
+def scope_parameters(scope: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A scope's parameters from ``GET /v1/scopes`` as ``{name: spec}``, each spec with ``type``
+    and ``required``; the listing may be a JSON Schema object or a plain mapping of specs."""
+    params = scope.get("parameters") or {}
+    if not isinstance(params, dict):
+        return {}
+    if isinstance(params.get("properties"), dict):
+        required = set(params.get("required") or [])
+        return {
+            str(name): {**spec, "required": name in required}
+            for name, spec in params["properties"].items()
+            if isinstance(spec, dict)
+        }
+    return {
+        str(name): {**spec, "required": bool(spec.get("required", True)) and "default" not in spec}
+        for name, spec in params.items()
+        if isinstance(spec, dict)
+    }
+
+
 # --- approval rules as text ----------------------------------------------------------------
 
 

@@ -301,3 +301,26 @@ def test_recorded_commands_and_output_never_carry_the_credential() -> None:
     assert line == ["curl", "-H", "X-Vault-Token: [redacted]", "http://127.0.0.1:8200"]
     assert redact("token=s.childtoken123\n", hidden) == "token=[redacted]\n"
     assert len(recorded_command(["x"] * 100, hidden)) == 65
+
+
+def test_scope_parameters_read_either_listing_form() -> None:
+    """Parameters from GET /v1/scopes as a JSON Schema object or as a plain mapping of specs both
+    give each parameter's type and whether it is required (the CLI types -p values with them)."""
+    from broker.client.models import scope_parameters
+
+    schema = {
+        "parameters": {
+            "type": "object",
+            "properties": {"bucket": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["bucket"],
+        }
+    }
+    assert scope_parameters(schema) == {
+        "bucket": {"type": "string", "required": True},
+        "days": {"type": "integer", "required": False},
+    }
+    plain = {
+        "parameters": {"bucket": {"type": "string"}, "days": {"type": "integer", "default": 7}}
+    }
+    assert scope_parameters(plain)["bucket"]["required"] is True
+    assert scope_parameters(plain)["days"]["required"] is False
