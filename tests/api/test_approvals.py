@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -465,3 +466,40 @@ def test_a_deleted_template_voids_its_approvals(
         resp = people.agent.mint(task["id"])
         assert (resp.status_code, resp.json()["code"]) == (412, "template_changed")
         assert people.agent.request("vault-kv-reviewed").json()["code"] == "unknown_scope"
+
+
+def test_decisions_are_spans_in_the_task_trace(
+    issuer: TestIssuer, make_settings: Any, otlp: Any
+) -> None:
+    """Request, each approval and the decision reach the OTLP receiver as spans of the task's
+    trace, naming the approvers; no session token appears in any attribute."""
+    from broker.settings import OtlpSettings
+
+    settings = settings_for(
+        make_settings, issuer, otlp=OtlpSettings(endpoint=otlp.endpoint, interval=0.05)
+    )
+    with running(settings) as (_, client):
+        people = cast(client, issuer)
+        task = people.agent.request("aws-deploy", DEPLOY).json()
+        people.manager1.approve(task["id"], "first")
+        people.manager2.approve(task["id"], "second")
+        wanted = {"broker.task.request", "broker.task.approval", "broker.task.decision"}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            spans = [s for s in otlp.spans if s.attributes.get("broker.task.id") == task["id"]]
+            if len([s for s in spans if s.name == "broker.task.approval"]) == 2 and (
+                wanted <= {s.name for s in spans}
+            ):
+                break
+            time.sleep(0.05)
+        assert {s.trace_id for s in spans} == {task["trace_id"]}
+        approvers = sorted(
+            s.attributes["broker.approver.sub"] for s in spans if s.name == "broker.task.approval"
+        )
+        assert approvers == ["max", "mia"]
+        decision = next(s for s in spans if s.name == "broker.task.decision")
+        assert decision.attributes["broker.decision"] == "approved"
+        for span in spans:
+            for value in span.attributes.values():
+                assert people.agent.token not in str(value)
+                assert people.manager1.token not in str(value)
