@@ -380,6 +380,8 @@ def test_idempotent_requests(issuer: TestIssuer, make_settings: Any) -> None:
         assert (a.status_code, b.status_code) == (201, 200)
         assert b.headers["idempotent-replayed"] == "true"
         assert a.json()["id"] == b.json()["id"]
+        done = people.agent.post(f"/v1/tasks/{a.json()['id']}/complete").json()
+        assert done["state"] == "completed"  # approved, never minted, then completed
         c = people.manager1.request("vault-kv-read", key="k-1")
         assert c.status_code == 201 and c.json()["id"] != a.json()["id"]
         d1 = people.manager1.request("postgres-readwrite", key="k-2")
