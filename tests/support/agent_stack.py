@@ -20,12 +20,13 @@ from typing import Any
 import httpx
 
 from broker.client import BrokerClient, ClientConfig, FileIdToken, SessionCache
-from broker.settings import Settings, VaultSettings
+from broker.domain.records import Credential
+from broker.settings import AwsSettings, Settings
 from broker.store import repo
 from broker.store.migrate import upgrade
 from broker.wiring import Broker
 from tests.support.issuer import TestIssuer
-from tests.support.services import LiveServer, OpenBao, live_broker
+from tests.support.services import LiveServer, Moto, OpenBao, live_broker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,7 +124,7 @@ class AgentStack:
     def token_file(self, sub: str = "agent-1", **claims: Any) -> Path:
         """A fresh ID token for ``sub`` in a file (as a platform would mount it)."""
         path = self.home / f"id-token-{sub}-{time.monotonic_ns()}"
-        path.write_text(self.issuer.token(sub, ttl=900, **claims))
+        path.write_text(self.issuer.token(sub, ttl=3600, **claims))
         return path
 
     def env(self, sub: str = "agent-1", **claims: Any) -> dict[str, str]:
@@ -188,6 +189,10 @@ class AgentStack:
             events = repo.audit_events(conn, limit=100_000)
         return [e for e in events if e["trace_id"] == trace_id]
 
+    def credentials(self, task_id: str) -> list[Credential]:
+        with self.broker.db.read() as conn:
+            return repo.credentials_for(conn, task_id)
+
     def task_state(self, task_id: str) -> str:
         with self.broker.db.read() as conn:
             task = repo.get_task(conn, task_id)
@@ -195,17 +200,25 @@ class AgentStack:
         return task.state.value
 
 
-def agent_settings(home: Path, issuer: TestIssuer, openbao: OpenBao, **overrides: Any) -> Settings:
+def agent_settings(
+    home: Path,
+    issuer: TestIssuer,
+    openbao: OpenBao,
+    moto: Moto | None = None,
+    **overrides: Any,
+) -> Settings:
     values: dict[str, Any] = {
         "dev_mode": True,
         "data_dir": home / "data",
         "scopes_dir": write_scopes(home / "scopes"),
         # Roles from the `broker_roles` claim, so a test can log in an approver next to its agents.
         "issuers": [issuer.issuer_config(claims={"roles": "broker_roles"})],
-        "vault": VaultSettings(
-            addr=openbao.addr, token=openbao.broker_token, token_role="broker-child"
-        ),
+        "vault": openbao.vault_settings(),
     }
+    if moto is not None:
+        # The repository's aws-s3-read scope, against moto's STS (its IAM roles are provisioned).
+        shutil.copy(REPO / "scopes" / "aws-s3-read.yaml", home / "scopes" / "aws-s3-read.yaml")
+        values["aws"] = AwsSettings(endpoint_url=moto.endpoint)
     values.update(overrides)
     settings = Settings(**values)
     upgrade(settings.effective_database_url)
@@ -229,11 +242,12 @@ def agent_stack(
     openbao: OpenBao,
     *,
     clock: ShiftedClock | None = None,
+    moto: Moto | None = None,
     **overrides: Any,
 ) -> Iterator[AgentStack]:
     """A live broker for agent tests; ``home`` holds its store, scopes, tokens and caches."""
     home.mkdir(parents=True, exist_ok=True)
-    settings = agent_settings(home, issuer, openbao, **overrides)
+    settings = agent_settings(home, issuer, openbao, moto, **overrides)
     build: dict[str, Any] = {"clock": clock} if clock is not None else {}
     with live_broker(settings, **build) as (server, broker):
         yield AgentStack(server, broker, issuer, openbao, home)
