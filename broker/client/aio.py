@@ -17,7 +17,7 @@ import anyio
 import httpx
 
 from broker.client import _protocol as proto
-from broker.client.config import ClientConfig, SessionCache
+from broker.client.config import ClientConfig, SessionCache, cache_key
 from broker.client.errors import (
     ApprovalPending,
     AuthenticationError,
@@ -34,12 +34,14 @@ from broker.client.errors import (
 from broker.client.models import Credential, Grant, Identity, Session, Task
 from broker.client.signals import AsyncSignalGuard
 from broker.client.sync import _id
-from broker.client.tokens import IdTokenSource, discover
+from broker.client.tokens import IdTokenSource, discover, unverified_identity
 
 log = logging.getLogger("broker.client")
 
 OnWait = Callable[[proto.WaitStatus], Awaitable[None] | None]
 _RETRIES = 2
+#: An ID token fetched to look up the session cache is reused for an exchange only this fresh.
+PENDING_TOKEN_AGE = 60.0
 
 
 class AsyncBrokerClient:
@@ -70,6 +72,9 @@ class AsyncBrokerClient:
         self._headers = proto.base_headers(self.config.traceparent, self.config.conversation_id)
         self._scopes: list[dict[str, Any]] | None = None
         self._login_lock = anyio.Lock()
+        #: An ID token fetched (to find the cached session) but not yet exchanged, and when.
+        self._pending_token: str | None = None
+        self._pending_at = 0.0
 
     async def aclose(self) -> None:
         if self._own_http:
@@ -91,16 +96,11 @@ class AsyncBrokerClient:
     async def login(self, *, force: bool = False) -> Session:
         async with self._login_lock:  # concurrent calls share one exchange
             if not force:
-                held = self._held_session()
+                held = await self._held_session()
                 if held is not None:
                     return held
-            source = self.id_token_source()
-
-            def fetch() -> str:
-                with httpx.Client(timeout=self.config.timeout, follow_redirects=False) as http:
-                    return source.fetch(http)
-
-            id_token = await anyio.to_thread.run_sync(fetch)
+            id_token = await self._id_token()
+            self._pending_token = None
             resp = await self._raw(
                 "POST", "/oauth2/token", data=proto.exchange_form(id_token), idempotent=False
             )
@@ -112,36 +112,62 @@ class AsyncBrokerClient:
                 expires_at=time.time() + float(body.get("expires_in") or 60),
             )
             self._session = session
-            if self._cache is not None:
-                self._cache.save(self.config.broker_url, session)
+            key = await self._cache_key(id_token)
+            if self._cache is not None and key is not None:
+                self._cache.save(key, session)
             return session
 
-    def _held_session(self) -> Session | None:
+    async def _id_token(self) -> str:
+        if self._pending_token is None or time.monotonic() - self._pending_at > PENDING_TOKEN_AGE:
+            source = self.id_token_source()
+
+            def fetch() -> str:
+                with httpx.Client(timeout=self.config.timeout, follow_redirects=False) as http:
+                    return source.fetch(http)
+
+            self._pending_token = await anyio.to_thread.run_sync(fetch)
+            self._pending_at = time.monotonic()
+        return self._pending_token
+
+    async def _cache_key(self, id_token: str | None = None) -> str | None:
+        if self._cache is None:
+            return None
+        if id_token is None:
+            try:
+                id_token = await self._id_token()
+            except IdTokenUnavailable:
+                return None
+        identity = unverified_identity(id_token)
+        return cache_key(self.config.broker_url, identity) if identity else None
+
+    async def _held_session(self) -> Session | None:
         now = time.time()
         if self._session is not None and self._session.usable(now):
             return self._session
-        if self._cache is not None:
-            cached = self._cache.load(self.config.broker_url, now)
+        key = await self._cache_key()
+        if self._cache is not None and key is not None:
+            cached = self._cache.load(key, now)
             if cached is not None:
                 self._session = cached
                 return cached
         return None
 
-    def _drop_session(self) -> None:
+    async def _drop_session(self) -> None:
         self._session = None
-        if self._cache is not None:
-            self._cache.forget(self.config.broker_url)
+        key = await self._cache_key()
+        if self._cache is not None and key is not None:
+            self._cache.forget(key)
 
     async def whoami(self) -> Identity:
         resp = await self._call("GET", "/v1/sessions/current", idempotent=True)
         return Identity.from_json(resp.json())
 
     async def logout(self) -> None:
-        if self._held_session() is None:
+        if await self._held_session() is None:
             return
         with contextlib.suppress(AuthenticationError):
             await self._call("DELETE", "/v1/sessions/current", refresh=False)
-        self._drop_session()
+        await self._drop_session()
 
     # --- HTTP ---------------------------------------------------------------------------------
 
@@ -195,7 +221,7 @@ class AsyncBrokerClient:
             **kwargs,
         )
         if resp.status_code == 401 and refresh:
-            self._drop_session()
+            await self._drop_session()
             try:
                 session = await self.login(force=True)
             except IdTokenUnavailable:

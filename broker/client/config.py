@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -104,8 +105,15 @@ def default_cache_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "broker" / "sessions.json"
 
 
+def cache_key(broker_url: str, identity: tuple[str, str]) -> str:
+    """The cache entry of one identity at one broker: agents sharing a home never share a session."""
+    digest = hashlib.sha256("\n".join((broker_url, *identity)).encode()).hexdigest()[:32]
+    return f"{broker_url}#{digest}"
+
+
 class SessionCache:
-    """Short-lived session tokens on disk for the CLI (``broker login``), one per broker URL.
+    """Short-lived session tokens on disk for the CLI (``broker login``), one per broker and
+    identity (:func:`cache_key`: the ID token's issuer and subject).
 
     The file is created ``0600`` inside a ``0700`` folder; expired entries are dropped on write.
     The SDK keeps its session in memory and uses no cache unless given one.
@@ -121,8 +129,8 @@ class SessionCache:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def load(self, broker_url: str, now: float | None = None) -> Session | None:
-        entry = self._read().get(broker_url)
+    def load(self, key: str, now: float | None = None) -> Session | None:
+        entry = self._read().get(key)
         if not isinstance(entry, dict):
             return None
         token, expires = entry.get("token"), entry.get("expires_at")
@@ -131,21 +139,21 @@ class SessionCache:
         session = Session(token=token, expires_at=float(expires))
         return session if session.usable(now if now is not None else time.time()) else None
 
-    def save(self, broker_url: str, session: Session) -> None:
+    def save(self, key: str, session: Session) -> None:
         now = time.time()
         data = {
-            url: entry
-            for url, entry in self._read().items()
+            name: entry
+            for name, entry in self._read().items()
             if isinstance(entry, dict)
             and isinstance(entry.get("expires_at"), (int, float))
             and float(entry["expires_at"]) > now  # type: ignore[arg-type]
         }
-        data[broker_url] = {"token": session.token, "expires_at": session.expires_at}
+        data[key] = {"token": session.token, "expires_at": session.expires_at}
         self._write(data)
 
-    def forget(self, broker_url: str) -> None:
+    def forget(self, key: str) -> None:
         data = self._read()
-        if data.pop(broker_url, None) is not None:
+        if data.pop(key, None) is not None:
             self._write(data)
 
     def _write(self, data: dict[str, dict[str, object]]) -> None:

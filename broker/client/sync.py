@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from broker.client import _protocol as proto
-from broker.client.config import ClientConfig, SessionCache
+from broker.client.config import ClientConfig, SessionCache, cache_key
 from broker.client.errors import (
     ApprovalPending,
     AuthenticationError,
@@ -30,12 +30,14 @@ from broker.client.errors import (
 )
 from broker.client.models import Credential, Grant, Identity, Session, Task
 from broker.client.signals import guard
-from broker.client.tokens import IdTokenSource, discover
+from broker.client.tokens import IdTokenSource, discover, unverified_identity
 
 log = logging.getLogger("broker.client")
 
 OnWait = Callable[[proto.WaitStatus], None]
 _RETRIES = 2
+#: An ID token fetched to look up the session cache is reused for an exchange only this fresh.
+PENDING_TOKEN_AGE = 60.0
 
 
 class BrokerClient:
@@ -72,6 +74,9 @@ class BrokerClient:
         )
         self._own_http = http is None
         self._token_http: httpx.Client | None = None
+        #: An ID token fetched (to find the cached session) but not yet exchanged, and when.
+        self._pending_token: str | None = None
+        self._pending_at = 0.0
         self._headers = proto.base_headers(self.config.traceparent, self.config.conversation_id)
         self._scopes: list[dict[str, Any]] | None = None
 
@@ -105,12 +110,8 @@ class BrokerClient:
             held = self._held_session()
             if held is not None:
                 return held
-        source = self.id_token_source()
-        if self._token_http is None:
-            # A separate client: the broker's trace and conversation headers stay off the token
-            # endpoint (GitHub's, for example).
-            self._token_http = httpx.Client(timeout=self.config.timeout, follow_redirects=False)
-        id_token = source.fetch(self._token_http)
+        id_token = self._id_token()
+        self._pending_token = None  # a token is exchanged once; the next login fetches afresh
         resp = self._raw(
             "POST", "/oauth2/token", data=proto.exchange_form(id_token), idempotent=False
         )
@@ -122,16 +123,40 @@ class BrokerClient:
             expires_at=time.time() + float(body.get("expires_in") or 60),
         )
         self._session = session
-        if self._cache is not None:
-            self._cache.save(self.config.broker_url, session)
+        key = self._cache_key(id_token)
+        if self._cache is not None and key is not None:
+            self._cache.save(key, session)
         return session
+
+    def _id_token(self) -> str:
+        """The current ID token (fetched once per login; kept only until it is exchanged)."""
+        if self._pending_token is None or time.monotonic() - self._pending_at > PENDING_TOKEN_AGE:
+            if self._token_http is None:
+                # A separate client: the broker's trace and conversation headers stay off the
+                # token endpoint (GitHub's, for example).
+                self._token_http = httpx.Client(timeout=self.config.timeout, follow_redirects=False)
+            self._pending_token = self.id_token_source().fetch(self._token_http)
+            self._pending_at = time.monotonic()
+        return self._pending_token
+
+    def _cache_key(self, id_token: str | None = None) -> str | None:
+        if self._cache is None:
+            return None
+        if id_token is None:
+            try:
+                id_token = self._id_token()
+            except IdTokenUnavailable:
+                return None
+        identity = unverified_identity(id_token)
+        return cache_key(self.config.broker_url, identity) if identity else None
 
     def _held_session(self) -> Session | None:
         now = time.time()
         if self._session is not None and self._session.usable(now):
             return self._session
-        if self._cache is not None:
-            cached = self._cache.load(self.config.broker_url, now)
+        key = self._cache_key()
+        if self._cache is not None and key is not None:
+            cached = self._cache.load(key, now)
             if cached is not None:
                 self._session = cached
                 return cached
@@ -139,8 +164,9 @@ class BrokerClient:
 
     def _drop_session(self) -> None:
         self._session = None
-        if self._cache is not None:
-            self._cache.forget(self.config.broker_url)
+        key = self._cache_key()
+        if self._cache is not None and key is not None:
+            self._cache.forget(key)
 
     def whoami(self) -> Identity:
         """The caller's identity as the broker sees it."""

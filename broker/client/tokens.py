@@ -16,6 +16,8 @@ used: sending it to the broker would hand the broker a token it could replay aga
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shlex
 import subprocess
@@ -199,6 +201,25 @@ class GitHubActionsIdToken:
         if not isinstance(value, str):
             raise IdTokenUnavailable(f"{self.description} sent an unexpected body")
         return _clean(value, self.description)
+
+
+def unverified_identity(token: str) -> tuple[str, str] | None:
+    """``(iss, sub)`` read from a JWT's payload *without verifying it*.
+
+    Only for choosing which cached session belongs to this agent; the broker verifies every token
+    it is given, so a forged payload can only select a session its holder already has.
+    """
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    iss, sub = claims.get("iss"), claims.get("sub")
+    if not isinstance(iss, str) or not isinstance(sub, str):
+        return None
+    return iss, sub
 
 
 def discover(

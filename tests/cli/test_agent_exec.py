@@ -4,6 +4,7 @@ the run is an audit span."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -184,8 +185,6 @@ def test_sigterm_is_relayed_to_the_command_and_the_task_completed(
 def test_request_prints_credentials_and_complete_revokes_them(stack: AgentStack) -> None:
     """`broker request -o json` prints the credential (and only it) on stdout; the task stays active
     until `broker complete`, which revokes it."""
-    import json
-
     done = broker_cli(stack, "request", "vault-kv-read", "--purpose", "read by hand", "-o", "json")
     assert done.returncode == 0, done.stderr
     body = json.loads(done.stdout)
@@ -273,8 +272,6 @@ def test_exec_waits_for_a_human_and_then_runs(stack: AgentStack) -> None:
 def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentStack) -> None:
     """`broker request --no-wait` on a manual scope exits 3 and says how to continue; the task
     stays pending and `broker status TASK --json` reports it with its approvers."""
-    import json
-
     done = broker_cli(
         stack, "request", "agent-test-manual", "--purpose", "later", "--no-wait", sub="patient"
     )
@@ -313,8 +310,6 @@ def test_a_denied_exec_says_why_and_runs_nothing(stack: AgentStack, tmp_path: Pa
 def test_login_status_and_tasks(stack: AgentStack) -> None:
     """`broker login` names the identity and token source; `broker status` shows the session and
     open tasks; `broker tasks --json` lists the agent's tasks."""
-    import json
-
     login = broker_cli(stack, "login", sub="lister")
     assert login.returncode == 0, login.stderr
     assert "logged in as lister" in login.stderr
@@ -333,3 +328,22 @@ def test_login_status_and_tasks(stack: AgentStack) -> None:
     broker_cli(stack, "complete", task_id, sub="lister")
     shown = broker_cli(stack, "tasks", "show", task_id, sub="lister")
     assert "completed" in shown.stdout
+
+
+def test_agents_sharing_a_session_cache_keep_their_own_sessions(stack: AgentStack) -> None:
+    """Two agent identities with one cache file (one home on a shared runner) each get their own
+    session: the cache is keyed by the ID token's identity, never by the broker URL alone."""
+    shared = str(stack.home / "shared-sessions.json")
+    for sub in ("runner-job-a", "runner-job-b", "runner-job-a"):
+        env = stack.env(sub)
+        env["BROKER_SESSION_CACHE"] = shared
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["subject"] == sub

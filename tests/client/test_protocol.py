@@ -219,7 +219,8 @@ def test_config_reads_the_environment_and_hides_the_session_token() -> None:
 
 
 def test_session_cache_is_private_and_drops_expired_sessions(tmp_path: Path) -> None:
-    """The CLI's session cache is 0600 in a 0700 folder, keyed by broker URL; expired entries vanish."""
+    """The CLI's session cache is 0600 in a 0700 folder, one entry per broker and identity;
+    expired entries vanish."""
     cache = SessionCache(tmp_path / "cache" / "sessions.json")
     cache.save("https://a", Session("tok-a", time.time() + 600))
     cache.save("https://b", Session("tok-b", time.time() + 5))  # inside the 30 s margin
@@ -324,3 +325,22 @@ def test_scope_parameters_read_either_listing_form() -> None:
     }
     assert scope_parameters(plain)["bucket"]["required"] is True
     assert scope_parameters(plain)["days"]["required"] is False
+
+
+def test_cache_keys_separate_identities() -> None:
+    """Two agents (or one agent at two brokers) never map to the same cached session; the key
+    comes from the ID token's issuer and subject and holds no part of the token."""
+    from broker.client.config import cache_key
+    from broker.client.tokens import unverified_identity
+
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJodHRwczovL2lzcyIsInN1YiI6ImFnZW50LTEifQ.c2ln"
+    assert unverified_identity(token) == ("https://iss", "agent-1")
+    assert unverified_identity("not.a-jwt.x") is None
+    keys = {
+        cache_key("https://b", ("https://iss", "agent-1")),
+        cache_key("https://b", ("https://iss", "agent-2")),
+        cache_key("https://b", ("https://other", "agent-1")),
+        cache_key("https://c", ("https://iss", "agent-1")),
+    }
+    assert len(keys) == 4
+    assert all("agent" not in k for k in keys)
