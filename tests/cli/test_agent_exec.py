@@ -271,7 +271,8 @@ def test_exec_waits_for_a_human_and_then_runs(stack: AgentStack) -> None:
 
 def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentStack) -> None:
     """`broker request --no-wait` on a manual scope exits 3 and says how to continue; the task
-    stays pending and `broker status TASK --json` reports it with its approvers."""
+    stays pending and `broker status TASK --json` reports it with its approvers; once approved,
+    `broker exec --task TASK` runs with it and completes it."""
     done = broker_cli(
         stack, "request", "agent-test-manual", "--purpose", "later", "--no-wait", sub="patient"
     )
@@ -283,8 +284,17 @@ def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentSta
     body = json.loads(status.stdout)
     assert body["state"] == "pending"
     assert body["approvers"] == "1 approver with groups equals 'sre', never the requester"
-    broker_cli(stack, "complete", task_id, sub="patient")
-    assert stack.task_state(task_id) == "cancelled"
+
+    # Later: the SRE approves; the agent picks the decision up and runs with that task.
+    stack.approve(task_id)
+    status = broker_cli(stack, "status", task_id, "--wait", "--json", sub="patient")
+    assert json.loads(status.stdout)["state"] == "approved"
+    done = broker_cli(
+        stack, "exec", "--task", task_id, "--", "sh", "-c", 'echo "$BROKER_TASK_ID"', sub="patient"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == task_id
+    assert stack.task_state(task_id) == "completed"
 
 
 def test_a_denied_exec_says_why_and_runs_nothing(stack: AgentStack, tmp_path: Path) -> None:

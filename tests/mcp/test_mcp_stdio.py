@@ -189,3 +189,30 @@ def test_reveal_is_opt_in(stack: AgentStack) -> None:
     assert token
     assert not stack.vault_token_alive(token)
     assert stack.task_state(task_id) == "completed"
+
+
+def test_a_pending_task_runs_once_a_human_approves(stack: AgentStack) -> None:
+    """`status` with wait_seconds picks up an SRE's approval of a pending task; `run` then works."""
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with Client(server_params(stack, "mcp-patient")) as client:
+            convo = Conversation(client)
+            pending = await convo.call(
+                "request", scope="agent-test-manual", purpose="needs an SRE", wait_seconds=0
+            )
+            await anyio.to_thread.run_sync(stack.approve, pending["task_id"])
+            status = await convo.call("status", task_id=pending["task_id"], wait_seconds=10)
+            ran = await convo.call(
+                "run",
+                task_id=pending["task_id"],
+                command=[sys.executable, "-c", "import os; print(os.environ['BROKER_TASK_ID'])"],
+            )
+            await convo.call("complete", task_id=pending["task_id"])
+            return pending, status, ran
+
+    pending, status, ran = anyio.run(main)
+    assert pending["state"] == "pending"
+    assert status["state"] == "approved"
+    assert ran["exit_code"] == 0
+    assert ran["stdout"].strip() == pending["task_id"]
+    assert stack.task_state(pending["task_id"]) == "completed"
