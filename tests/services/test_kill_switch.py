@@ -1,0 +1,165 @@
+"""AWS kill switches against moto's IAM: what the broker writes on each role, and when.
+
+moto does not evaluate IAM conditions on assumed-role sessions, so these tests prove the policy
+documents (what AWS would enforce), not their effect on a live session.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+
+from broker.backends.aws_sts import AwsStsBackend
+from broker.backends.base import Minted, MintOutcomeUnknown, MintRequest
+from broker.domain.records import Session
+from broker.domain.task import CredentialState
+from broker.services.kill_switch import EVENT_LIFT, EVENT_SET, ISSUED_BEFORE
+from broker.services.tasks import TaskRequest
+from broker.settings import AwsSettings
+from broker.store import repo
+from broker.wiring import Broker, build_broker
+from tests.api.flows import Clock
+from tests.support.issuer import TestIssuer
+from tests.support.services import Moto
+
+pytestmark = pytest.mark.integration
+
+ROLE = "arn:aws:iam::123456789012:role/broker-s3-read"
+PARAMS = {"bucket": "example-data-logs", "prefix": "2024/05"}
+
+
+@dataclass
+class AwsHarness:
+    broker: Broker
+    clock: Clock
+    session: Session
+    policy: str
+    iam: Any
+
+    def policy_document(self) -> dict[str, Any] | None:
+        sts = self.broker.backends["aws_sts"]
+        assert isinstance(sts, AwsStsBackend)
+        return sts.read_kill_switch(ROLE)
+
+    def mint_task(self) -> tuple[str, Any]:
+        task = self.broker.tasks.request(
+            self.session, TaskRequest(scope="aws-s3-read", params=PARAMS, purpose="read logs")
+        )
+        return task.id, self.broker.credentials.mint(self.session, task.id)
+
+
+@pytest.fixture
+def aws(make_settings: Any, issuer: TestIssuer, moto_server: Moto) -> Iterator[AwsHarness]:
+    policy = "broker-kill-" + secrets.token_hex(4)
+    clock = Clock()
+    settings = make_settings(
+        aws=AwsSettings(endpoint_url=moto_server.endpoint, kill_switch_policy=policy),
+        session_max_ttl=86_400,
+    )
+    broker = build_broker(settings, clock=clock)
+    session = broker.sessions.exchange(issuer.token("agent-1", ttl=20_000)).session
+    iam = boto3.client("iam", endpoint_url=moto_server.endpoint, region_name="us-east-1")
+    try:
+        yield AwsHarness(broker, clock, session, policy, iam)
+    finally:
+        broker.stop()
+
+
+def test_completing_an_sts_task_denies_its_sessions_until_they_expire(aws: AwsHarness) -> None:
+    """STS cannot revoke: completion puts the task's SourceIdentity on the role's deny list at
+    once, and the entry (and the policy) goes away once the credential has expired."""
+    task_id, issued = aws.mint_task()
+    source_identity = issued.credential.details["source_identity"]
+    assert source_identity.startswith(task_id + ".")
+    aws.broker.tasks.complete(aws.session, task_id)
+    with aws.broker.db.read() as conn:
+        cred = repo.get_credential(conn, issued.credential.id)
+    assert cred is not None and cred.state is CredentialState.REVOKED
+    document = aws.policy_document()
+    assert document is not None
+    [statement] = document["Statement"]
+    assert statement["Effect"] == "Deny" and statement["Action"] == "*"
+    assert statement["Condition"] == {"StringEquals": {"aws:SourceIdentity": [source_identity]}}
+    [entry] = aws.broker.kill_switches.live(ROLE)  # type: ignore[union-attr]
+    assert entry.task_id == task_id and entry.credential_id == issued.credential.id
+    assert entry.expires_at == pytest.approx(issued.minted.expires_at + 30, abs=1)
+    with aws.broker.db.read() as conn:
+        revoke = repo.audit_events(
+            conn, credential_id=issued.credential.id, name="broker.credential.revoke"
+        )
+    assert revoke[0]["attributes"]["broker.revoke.method"] == "deny_list"
+    # After the credential expired, the entry lapses and the reconciler deletes the policy.
+    aws.clock.advance(issued.minted.expires_at - aws.clock() + 31)
+    assert aws.broker.kill_switches.reconcile() == 1  # type: ignore[union-attr]
+    assert aws.policy_document() is None
+
+
+def test_the_role_wide_kill_switch_denies_every_older_session_and_can_be_lifted(
+    aws: AwsHarness,
+) -> None:
+    """Per role: Deny * for sessions issued before now (+30 s for clock skew), audited with the
+    admin as actor; lifting it removes the statement."""
+    admin = aws.session.principal
+    entry = aws.broker.kill_switches.kill_role(ROLE, actor=admin, reason="leaked key")  # type: ignore[union-attr]
+    assert entry.kind == ISSUED_BEFORE
+    assert float(entry.value) == pytest.approx(aws.clock() + 30, abs=2)
+    document = aws.policy_document()
+    assert document is not None
+    [statement] = document["Statement"]
+    assert statement["Sid"] == "BrokerKillIssuedBefore"
+    assert set(statement["Condition"]["DateLessThan"]) == {"aws:TokenIssueTime"}
+    aws.broker.kill_switches.lift(entry.id, actor=admin, reason="rotated")  # type: ignore[union-attr]
+    assert aws.policy_document() is None
+    with aws.broker.db.read() as conn:
+        names = [e["name"] for e in repo.audit_events(conn, limit=1000)]
+    assert EVENT_SET in names and EVENT_LIFT in names
+
+
+def test_the_reaper_restores_a_policy_changed_behind_its_back(aws: AwsHarness) -> None:
+    """Someone (or a lost concurrent write) removed the policy: the reconciler writes it again
+    from the store."""
+    task_id, _ = aws.mint_task()
+    aws.broker.tasks.complete(aws.session, task_id)
+    before = aws.policy_document()
+    assert before is not None
+    aws.iam.delete_role_policy(RoleName="broker-s3-read", PolicyName=aws.policy)
+    assert aws.broker.kill_switches.reconcile() == 1  # type: ignore[union-attr]
+    assert aws.policy_document() == before
+    assert aws.broker.kill_switches.reconcile() == 0  # type: ignore[union-attr]
+
+
+def test_an_sts_mint_whose_answer_was_lost_is_killed_by_the_reaper(aws: AwsHarness) -> None:
+    """STS issued the credential but the broker never saw the answer: the SourceIdentity recorded
+    with the intent goes on the deny list at the reaper's next pass."""
+    sts = aws.broker.backends["aws_sts"]
+    assert isinstance(sts, AwsStsBackend)
+    real_mint = sts.mint
+
+    def lost(request: MintRequest) -> Minted:
+        real_mint(request)
+        raise MintOutcomeUnknown("lost")
+
+    sts.mint = lost  # type: ignore[method-assign]
+    task = aws.broker.tasks.request(
+        aws.session, TaskRequest(scope="aws-s3-read", params=PARAMS, purpose="read logs")
+    )
+    with pytest.raises(MintOutcomeUnknown):
+        aws.broker.credentials.mint(aws.session, task.id)
+    with aws.broker.db.read() as conn:
+        [cred] = repo.credentials_for(conn, task.id)
+    assert cred.state is CredentialState.REVOKE_PENDING and cred.handle is None
+    planned_identity = cred.details["source_identity"]
+    aws.broker.reaper.run_once(orphan_scan=False)  # type: ignore[union-attr]
+    document = aws.policy_document()
+    assert document is not None
+    assert (
+        planned_identity
+        in document["Statement"][0]["Condition"]["StringEquals"]["aws:SourceIdentity"]
+    )
+    with aws.broker.db.read() as conn:
+        assert repo.get_credential(conn, cred.id).state is CredentialState.REVOKED  # type: ignore[union-attr]
