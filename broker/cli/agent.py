@@ -34,6 +34,7 @@ from broker.client import (
     BrokerClientError,
     BrokerUnreachable,
     ClientConfig,
+    CompletionFailed,
     ConfigurationError,
     Conflict,
     Credential,
@@ -50,6 +51,7 @@ from broker.client.config import default_cache_path
 from broker.client.errors import format_duration
 from broker.client.models import describe_approval, scope_parameters
 from broker.client.process import child_env, new_span_id, recorded_command, run
+from broker.client.signals import guard
 
 EXIT_OTHER = 1
 EXIT_USAGE = 2
@@ -141,6 +143,9 @@ def _errors() -> Iterator[None]:
         yield
     except BrokerClientError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
 
 
 def _dev_env_value(key: str, path: Path = Path(".dev/env")) -> str | None:
@@ -401,6 +406,7 @@ def request(
         _fail(InvalidRequest("--format is env, json or credential-process"))
     quiet = quiet or output == "credential-process"
     with _errors(), _client() as client, _progress(quiet) as progress:
+        created = False
         if task_id:
             task = client.get_task(task_id)
         else:
@@ -409,31 +415,54 @@ def request(
                     "give a SCOPE and --purpose (or --task ID for an earlier request)",
                     next_step='broker request vault-kv-read --purpose "read the demo secret"',
                 )
-            params = _parse_params(param, _scope_info(client, scope) if param else None)
+            info = _scope_info(client, scope) if param or output == "credential-process" else None
+            if output == "credential-process" and info and info.get("backend") != "aws_sts":
+                raise InvalidRequest(
+                    f"{scope!r} is not an AWS scope (its backend is {info.get('backend')})",
+                    next_step="use -o credential-process only with aws_sts scopes",
+                )
+            params = _parse_params(param, info)
             task = client.request_task(scope, purpose=purpose, params=params, ttl=ttl)
-        try:
-            task = client.wait(task, timeout=_wait_timeout(wait, no_wait), on_wait=progress)
-        except ApprovalPending as exc:
+            created = True
+        with guard():  # SIGTERM/SIGHUP unwind like Ctrl-C, so the cleanup below runs
+            try:
+                task = client.wait(task, timeout=_wait_timeout(wait, no_wait), on_wait=progress)
+            except ApprovalPending as exc:
+                progress.close()
+                exc.next_step = (
+                    f"ask {exc.approvers or 'an approver'} to approve {exc.task.id}; then "
+                    f"`broker status {exc.task.id} --wait` and `broker request --task {exc.task.id}`"
+                )
+                raise  # the request stays open on purpose: it can be picked up later
+            except (KeyboardInterrupt, SystemExit):
+                if created:
+                    _end_quietly(client, task.id)  # nobody is waiting for this request any more
+                raise
             progress.close()
-            exc.next_step = (
-                f"ask {exc.approvers or 'an approver'} to approve {exc.task.id}; then "
-                f"`broker status {exc.task.id} --wait` and `broker request --task {exc.task.id}`"
-            )
-            raise
-        progress.close()
-        credential = client.mint(task.id)
-        grant = Grant(task, credential)
-        if output == "credential-process":
-            typer.echo(json.dumps(credential.aws_credential_process()))
-        elif output == "json":
-            typer.echo(_grant_json(grant))
-        else:
-            typer.echo(_env_lines(credential), nl=False)
+            credential = client.mint(task.id)
+            try:
+                if output == "credential-process":
+                    rendered = json.dumps(credential.aws_credential_process()) + "\n"
+                elif output == "json":
+                    rendered = _grant_json(Grant(task, credential)) + "\n"
+                else:
+                    rendered = _env_lines(credential)
+            except BaseException:
+                _end_quietly(client, task.id)  # a credential nobody will see must not live on
+                raise
+        typer.echo(rendered, nl=False)
         _say(
             f"task {task.id} is active; its credential expires {_when(credential.expires_at)}; "
             f"end it sooner with `broker complete {task.id}`",
             quiet=quiet,
         )
+
+
+def _end_quietly(client: BrokerClient, task_id: str) -> None:
+    try:
+        client.complete(task_id)
+    except BrokerClientError as exc:
+        _say(f"warning: could not end task {task_id}: {exc.detail}")
 
 
 # --- exec ----------------------------------------------------------------------------------
@@ -489,10 +518,18 @@ def exec_(
             holder = client.task(
                 scope, purpose=purpose, params=params, ttl=ttl, wait_timeout=wait, on_wait=progress
             )
+        ran: int | None = None
         try:
             with holder as grant:
                 progress.close()
-                status = _run_with(client, grant, command, quiet=quiet)
+                ran = status = _run_with(client, grant, command, quiet=quiet)
+        except CompletionFailed as exc:
+            if ran is None:
+                raise
+            # The command ran: its status is the answer; the broker trouble is reported beside it.
+            typer.echo(f"error: {exc.detail}", err=True)
+            typer.echo(f"next: {exc.next_step}", err=True)
+            raise typer.Exit(ran) from None
         finally:
             progress.close()
         _say(f"task {grant.task.id} completed; its credential is revoked", quiet=quiet)

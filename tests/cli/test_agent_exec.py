@@ -357,3 +357,46 @@ def test_agents_sharing_a_session_cache_keep_their_own_sessions(stack: AgentStac
         )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["subject"] == sub
+
+
+def test_credential_process_refuses_a_non_aws_scope_before_asking(stack: AgentStack) -> None:
+    """`-o credential-process` on a Vault scope is a usage error (exit 2) and no task is opened,
+    so no credential exists that nobody would use."""
+    done = broker_cli(
+        stack,
+        "request",
+        "vault-kv-read",
+        "--purpose",
+        "x",
+        "-o",
+        "credential-process",
+        sub="aws-ish",
+    )
+    assert done.returncode == 2, done.stderr
+    assert "not an AWS scope" in done.stderr
+    assert done.stdout == ""
+    listed = broker_cli(stack, "tasks", "--json", sub="aws-ish")
+    assert json.loads(listed.stdout) == []
+
+
+def test_sigterm_while_waiting_withdraws_the_request(stack: AgentStack) -> None:
+    """`broker request` killed with SIGTERM while it waits for an approver withdraws its request
+    (nobody is waiting for it any more) and exits 143."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "request", "agent-test-manual", "--purpose", "then quit"],
+        env=stack.env("quitter"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        task_id = line.split("waiting for approval of ")[1].split()[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert stack.task_state(task_id) == "cancelled"
