@@ -251,7 +251,10 @@ class Reaper:
         now = self.clock()
         with self.db.write() as conn:
             lapsed = repo.expire_lapsed_credentials(
-                conn, now - EXPIRY_SKEW, self.settings.reaper_batch
+                conn,
+                now - EXPIRY_SKEW,
+                self.settings.reaper_batch,
+                skip_locked=not self.db.is_sqlite,
             )
             for cred in lapsed:
                 task = repo.get_task(conn, cred.task_id)
@@ -294,6 +297,7 @@ class Reaper:
 
     def _scan(self, backend: Backend, report: PassReport) -> None:
         assert isinstance(backend, Inventory)
+        listed_at = self.clock()
         objects = list(backend.inventory(self.settings.cluster_name))
         if not objects:
             return
@@ -306,8 +310,9 @@ class Reaper:
             if rec is not None and (
                 rec.state is CredentialState.ACTIVE
                 or (rec.state is CredentialState.MINTING and rec.created_at > stale_before)
+                or _revoked_since(rec, listed_at)
             ):
-                continue  # live, or a mint still under way
+                continue  # live, a mint still under way, or revoked while the listing ran
             report.orphans_found += 1
             error: BrokerError | None = None
             try:
@@ -324,7 +329,7 @@ class Reaper:
                 error = exc
                 report.errors.append(f"orphan {obj.credential_id}: {exc.code}")
             self._record_orphan(
-                backend, obj.credential_id, obj.task_id, obj.handle, obj.role, rec, error
+                backend, obj.credential_id, obj.task_id, obj.handle, obj.role, rec, error, listed_at
             )
 
     def _record_orphan(
@@ -336,15 +341,28 @@ class Reaper:
         role: str,
         rec: Credential | None,
         error: BrokerError | None,
+        listed_at: float,
     ) -> None:
         now = self.clock()
         with self.db.write() as conn:
+            current = repo.get_credential(conn, credential_id, for_update=True)
+            if error is None and current is not None and _revoked_since(current, listed_at):
+                # Another replica's scan (or a revocation) took it back while this scan ran,
+                # and recorded that: one event per revocation, however many replicas scan.
+                return
             task = repo.get_task(conn, task_id) if task_id else None
             if (
                 error is None
                 and rec is not None
                 and rec.state
-                in (CredentialState.MINTING, CredentialState.FAILED, CredentialState.REVOKE_PENDING)
+                in (
+                    CredentialState.MINTING,
+                    CredentialState.FAILED,
+                    CredentialState.REVOKE_PENDING,
+                    # The record says it is over, yet the backend still had it: now it is.
+                    CredentialState.EXPIRED,
+                    CredentialState.REVOKED,
+                )
             ):
                 values: dict[str, Any] = {
                     "state": CredentialState.REVOKED,
@@ -385,6 +403,14 @@ class Reaper:
             if not repo.claim_job(conn, KILL_SWITCH_JOB, now, interval, self.owner):
                 return
         report.kill_switches_fixed += self.kill_switches.reconcile()
+
+
+def _revoked_since(cred: Credential, since: float) -> bool:
+    return (
+        cred.state is CredentialState.REVOKED
+        and cred.revoked_at is not None
+        and cred.revoked_at >= since
+    )
 
 
 def wait_for_pass(reaper: Reaper, after: int, timeout: float = 30.0) -> PassReport:

@@ -488,6 +488,7 @@ class TaskService:
                 conn, limits_for(principal, template, self.settings.rate_limits.per_principal), now
             )
             if task.state is not TaskState.DENIED:
+                repo.lock_principal_scope(conn, principal.issuer, principal.subject, template.name)
                 active = repo.count_active_tasks(
                     conn, principal.issuer, principal.subject, template.name
                 )

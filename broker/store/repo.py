@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -171,6 +172,18 @@ def list_tasks(
         query = query.where(t.tasks.c.session_id == session_id)
     query = query.order_by(t.tasks.c.created_at.desc()).limit(limit)
     return [_task(r) for r in conn.execute(query).mappings()]
+
+
+def lock_principal_scope(conn: Connection, issuer: str, subject: str, scope: str) -> None:
+    """Serialise, until the transaction ends, whatever counts then adds a principal's tasks for
+    one scope (``max_active_tasks``). Under READ COMMITTED two replicas would otherwise both
+    count the same open tasks and both add one; a transaction-scoped advisory lock orders them.
+    SQLite's writes are serialised already."""
+    if conn.dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256(f"open-tasks\n{issuer}\n{subject}\n{scope}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    conn.execute(select(func.pg_advisory_xact_lock(key)))
 
 
 def count_active_tasks(conn: Connection, issuer: str, subject: str, scope: str) -> int:
@@ -808,22 +821,33 @@ def claim_credentials(
     return claimed
 
 
-def expire_lapsed_credentials(conn: Connection, now: float, limit: int) -> list[Credential]:
-    """Active credentials past their expiry (the backend expired them itself), marked expired."""
+def expire_lapsed_credentials(
+    conn: Connection, now: float, limit: int, *, skip_locked: bool = False
+) -> list[Credential]:
+    """Active credentials past their expiry (the backend expired them itself), marked expired.
+
+    Only the ones this call moved are returned: when replicas run this at once, each credential
+    is reported by exactly one of them (rows another replica holds are skipped on PostgreSQL,
+    and the compare-and-set update decides the rest).
+    """
     c = t.credentials.c
-    rows = conn.execute(
+    query = (
         select(t.credentials)
         .where(c.state == CredentialState.ACTIVE.value, c.expires_at <= now)
         .order_by(c.expires_at)
         .limit(limit)
-    ).mappings()
-    lapsed = [_credential(r) for r in rows]
-    for cred in lapsed:
-        conn.execute(
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    lapsed = []
+    for cred in [_credential(r) for r in conn.execute(query).mappings()]:
+        moved = conn.execute(
             update(t.credentials)
             .where(c.id == cred.id, c.state == CredentialState.ACTIVE.value)
             .values(state=CredentialState.EXPIRED.value, next_attempt_at=None)
-        )
+        ).rowcount
+        if moved == 1:
+            lapsed.append(cred)
     return lapsed
 
 
