@@ -23,9 +23,7 @@ def upgrade() -> None:
         sa.Column("seen_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("source", "record_id", name=op.f("pk_audit_ingested")),
     )
-    op.create_index(
-        op.f("ix_audit_ingested_seen_at"), "audit_ingested", ["seen_at"], unique=False
-    )
+    op.create_index(op.f("ix_audit_ingested_seen_at"), "audit_ingested", ["seen_at"], unique=False)
     op.create_table(
         "audit_ingest_cursors",
         sa.Column("source", sa.String(length=512), nullable=False),
