@@ -49,9 +49,8 @@ def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
     record.args = None
     if record.exc_info and record.exc_info[0] is not None:
         text = "".join(traceback.format_exception(*record.exc_info))
+        # Formatters print a record's exc_text when it is set instead of formatting exc_info.
         record.exc_text = scrub_text(text.rstrip("\n"), limit=None)
-        # The formatter prints exc_text when set; no handler may format the raw exception again.
-        record.exc_info = None
     elif record.exc_text:
         record.exc_text = scrub_text(record.exc_text, limit=None)
     if record.stack_info:

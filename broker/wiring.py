@@ -123,7 +123,9 @@ class Broker:
         """Start background work (audit export, checkpoints and use ingest, reaper)."""
         from broker.audit.runtime import AuditRuntime
 
-        self.audit = AuditRuntime(self.settings, self.db, self.clock, self.uses)
+        self.audit = AuditRuntime(
+            self.settings, self.db, self.clock, self.uses, signer=self.keyring
+        )
         self.audit.start()
         self.background.append(self.audit)
         self.notifier.start()

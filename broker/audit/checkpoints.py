@@ -136,6 +136,50 @@ class PublicKeys:
         return _raw_verify(public, data, raw)
 
 
+class StoreKeys:
+    """The broker's published public keys (table ``signing_keys``): every key the key ring ever
+    signed with stays there, so checkpoints verify years after their key stopped signing."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cache = PublicKeys()
+
+    def verify(self, key_id: str, data: bytes, signature: str) -> bool:
+        if key_id not in self._cache.keys:
+            with self.db.read() as conn:
+                row = repo.signing_key(conn, key_id)
+            if row is None:
+                return False
+            import jwt
+
+            try:
+                key = jwt.PyJWK(dict(row["jwk"])).key
+            except (jwt.PyJWKError, KeyError, ValueError, TypeError):
+                return False
+            if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+                return False
+            if public_key_id(key) != key_id:
+                return False  # a published row that does not match its id is not trusted
+            self._cache.keys[key_id] = key
+        return self._cache.verify(key_id, data, signature)
+
+    def jwks(self) -> dict[str, Any]:
+        """Every published key, as a JWK Set an auditor can keep and verify with offline."""
+        with self.db.read() as conn:
+            rows = repo.signing_keys_since(conn, float("-inf"))
+        return {"keys": [dict(r["jwk"]) for r in rows]}
+
+
+class AnyKey:
+    """Valid when any of the given verifiers accepts the signature."""
+
+    def __init__(self, *verifiers: CheckpointVerifier) -> None:
+        self.verifiers = verifiers
+
+    def verify(self, key_id: str, data: bytes, signature: str) -> bool:
+        return any(v.verify(key_id, data, signature) for v in self.verifiers)
+
+
 class FileKeySigner:
     """ES256 with the broker's signing key file (used until a key ring is injected)."""
 
@@ -175,27 +219,23 @@ def create_checkpoint(
 ) -> dict[str, Any] | None:
     """Sign the chain's head if events were added since the last checkpoint; returns it or None.
 
-    The head row is locked first, so two replicas never sign the same head twice and no event
-    slips in between reading the head and signing it.
+    The head is read, signed outside any transaction (the key ring may write to the store when
+    it rotates), then recorded. A head signed while new events arrived is still a valid
+    checkpoint of that point of the chain; two replicas signing the same head record it once.
     """
-    with db.write() as conn:
-        seq, head = repo.audit_head(conn, for_update=True)
-        if seq == 0:
-            return None
+    with db.read() as conn:
+        seq, head = repo.audit_head(conn)
         last = repo.latest_checkpoint(conn)
-        if (
-            not force
-            and last is not None
-            and not repo.count_events_after(
-                conn, int(last["seq"]), except_name=EventName.AUDIT_CHECKPOINT
-            )
-        ):
-            return None
-        if last is not None and int(last["seq"]) == seq:
-            return None
-        now = clock()
-        kid, signature = signer.sign(checkpoint_statement(seq, head, now))
-        repo.insert_checkpoint(conn, seq, head, now, kid, signature)
+        fresh = last is None or repo.count_events_after(
+            conn, int(last["seq"]), except_name=EventName.AUDIT_CHECKPOINT
+        )
+    if seq == 0 or (last is not None and int(last["seq"]) >= seq) or not (fresh or force):
+        return None
+    now = clock()
+    kid, signature = signer.sign(checkpoint_statement(seq, head, now))
+    with db.write() as conn:
+        if not repo.insert_checkpoint(conn, seq, head, now, kid, signature):
+            return None  # another replica signed this head first
         record(
             conn,
             AuditEvent(

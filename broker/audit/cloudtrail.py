@@ -62,7 +62,10 @@ def session_name(identity: Mapping[str, Any]) -> str | None:
 
 
 def parse_record(
-    record: Mapping[str, Any], *, session_prefix: str = "brk", role_arns: Sequence[str] = ()
+    record: Mapping[str, Any],
+    *,
+    session_prefixes: Sequence[str] = ("tsk_", "crd_"),
+    role_arns: Sequence[str] = (),
 ) -> ObservedUse | None:
     """One CloudTrail record -> an observed use, or None when it cannot concern a credential."""
     event_id = record.get("eventID")
@@ -84,9 +87,10 @@ def parse_record(
     if not matches:
         return None
     role_arn = issuer.get("arn") if isinstance(issuer.get("arn"), str) else None
+    prefixes = tuple(session_prefixes)
     ours = bool(
-        (isinstance(source_identity, str) and source_identity.startswith(session_prefix))
-        or (name and name.startswith(session_prefix))
+        (isinstance(source_identity, str) and prefixes and source_identity.startswith(prefixes))
+        or (name and prefixes and name.startswith(prefixes))
         or (role_arn and role_arn in role_arns)
     )
     code = record.get("errorCode")
@@ -256,7 +260,9 @@ class CloudTrailIngest:
         counts: dict[str, int] = {}
         for rec in records:
             use = parse_record(
-                rec, session_prefix=self.settings.session_prefix, role_arns=self.settings.role_arns
+                rec,
+                session_prefixes=self.settings.session_prefixes,
+                role_arns=self.settings.role_arns,
             )
             self.records += 1
             if use is None:

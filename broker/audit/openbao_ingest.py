@@ -316,23 +316,36 @@ class SocketListener:
         *,
         allowed_peers: list[str] | None = None,
         max_entry_bytes: int = 1_048_576,
+        queue_size: int = QUEUE_SIZE,
     ) -> None:
         self.address = address
         self.handler = handler
         self.allowed = [ipaddress.ip_network(p, strict=False) for p in allowed_peers or []]
         self.max_entry_bytes = max_entry_bytes
-        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_SIZE)
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_size)
         self.received = 0
         self.overflow = 0
         self.refused_peers = 0
         self.connections = 0
         self._server: socketserver.BaseServer | None = None
         self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
 
     def _make_server(self) -> socketserver.BaseServer:
         listener = self
 
         class Handler(socketserver.StreamRequestHandler):
+            def setup(self) -> None:
+                super().setup()
+                with listener._lock:
+                    listener._open.add(self.request)
+
+            def finish(self) -> None:
+                with listener._lock:
+                    listener._open.discard(self.request)
+                super().finish()
+
             def handle(self) -> None:
                 listener.connections += 1
                 while True:
@@ -416,6 +429,13 @@ class SocketListener:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            # Close the live connections too: OpenBao then sees the failure, drops what it
+            # cannot deliver (the file tail has it) and reconnects to whoever listens next.
+            with self._lock:
+                open_conns = list(self._open)
+            for conn in open_conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
             if self.address.startswith("unix:"):
                 with contextlib.suppress(FileNotFoundError):
                     Path(self.address[len("unix:") :]).unlink()

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from broker.audit.checkpoints import (
+    AnyKey,
     Checkpointer,
     CheckpointSigner,
     CheckpointVerifier,
     FileKeySigner,
+    StoreKeys,
 )
 from broker.audit.cloudtrail import CloudTrailIngest, ObjectStore
 from broker.audit.exporter import OutboxExporter, SpanSender, build_sender
@@ -108,9 +110,16 @@ class AuditRuntime:
         }
 
 
-def checkpoint_verifier(settings: Settings, signer: object | None = None) -> CheckpointVerifier:
-    """What verifies this broker's checkpoints: its signer (or key ring) when it can verify,
-    else the public half of the signing key file."""
+def checkpoint_verifier(
+    settings: Settings, signer: object | None = None, db: Database | None = None
+) -> CheckpointVerifier:
+    """What verifies this broker's checkpoints: its key ring (or signer) when it can verify, the
+    public keys published in the store, and the signing key file when one exists."""
+    verifiers: list[CheckpointVerifier] = []
     if signer is not None and callable(getattr(signer, "verify", None)):
-        return signer  # type: ignore[return-value]  # checked structurally just above
-    return FileKeySigner.from_settings(settings)
+        verifiers.append(signer)  # type: ignore[arg-type]  # checked structurally just above
+    if db is not None:
+        verifiers.append(StoreKeys(db))
+    if settings.effective_signing_key_file.exists():
+        verifiers.append(FileKeySigner.from_settings(settings))
+    return AnyKey(*verifiers)

@@ -93,6 +93,14 @@ def _issue(event: Attrs, a: Attrs) -> list[str]:
 
 
 def _use(event: Attrs, a: Attrs) -> list[str]:
+    if a.get("broker.use.source") == "exec":
+        parts = [
+            f"exec {a.get('broker.exec.executable', '?')} (via {a.get('broker.use.via', '?')}, "
+            f"reported by the agent): {event.get('outcome')}"
+        ]
+        if a.get("broker.exec.exit_code") is not None:
+            parts.append(f"exit {a.get('broker.exec.exit_code')}")
+        return parts
     parts = [
         f"{a.get('broker.use.source')} {a.get('broker.use.operation')} "
         f"{_short(a.get('broker.use.target', ''), 100)}: {event.get('outcome')}"

@@ -26,7 +26,9 @@ PAGE = 1000
 UrlOption = Annotated[
     str | None,
     typer.Option(
-        "--url", envvar="BROKER_URL", help="Read through this broker's API instead of the store."
+        "--url",
+        envvar="BROKER_AUDIT_URL",
+        help="Read through this broker's API instead of the store.",
     ),
 ]
 TokenOption = Annotated[
@@ -233,16 +235,18 @@ def verify(
     if url:
         report: dict[str, Any] = _Api(url, token).get("/v1/audit/verify")
     else:
-        keys = _trusted_keys(public_key or [])
-        if file is not None:
-            if not file.is_file():
-                _fail(f"{file} is not a file")
-            report = verify_export(file, keys, partial=partial).as_dict()
-        else:
-            db = _database(_settings())
-            try:
+        db = _database(_settings()) if file is None or not public_key else None
+        try:
+            keys = _trusted_keys(public_key or [], db)
+            if file is not None:
+                if not file.is_file():
+                    _fail(f"{file} is not a file")
+                report = verify_export(file, keys, partial=partial).as_dict()
+            else:
+                assert db is not None  # opened above whenever no file is given
                 report = verify_store(db, keys, anchors=anchors).as_dict()
-            finally:
+        finally:
+            if db is not None:
                 db.dispose()
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
@@ -262,13 +266,13 @@ def _anchors(items: list[str]) -> list[tuple[int, str]]:
     return anchors
 
 
-def _trusted_keys(paths: list[Path]) -> Any:
+def _trusted_keys(paths: list[Path], db: Any | None) -> Any:
     from broker.audit.checkpoints import PublicKeys
     from broker.audit.runtime import checkpoint_verifier
 
     if not paths:
         try:
-            return checkpoint_verifier(_settings())
+            return checkpoint_verifier(_settings(), None, db)
         except (OSError, ValueError) as exc:
             _fail(f"no key to verify checkpoints with ({exc}); pass --public-key")
     trusted = PublicKeys()
@@ -292,17 +296,26 @@ def _print_report(report: dict[str, Any]) -> None:
         typer.echo(f"  {finding['kind']:<18} {where}: {finding['message']}")
 
 
-@audit_app.command()
-def checkpoint() -> None:
-    """Sign the chain's head now (the broker also does this every checkpoint_interval)."""
+def _keyring(settings: Settings, db: Any) -> Any:
     import time
 
-    from broker.audit.checkpoints import FileKeySigner, create_checkpoint
+    from broker.wiring import build_keyring
+
+    return build_keyring(settings, db, time.time)
+
+
+@audit_app.command()
+def checkpoint() -> None:
+    """Sign the chain's head now with the broker's key (the broker also does this every
+    checkpoint_interval)."""
+    import time
+
+    from broker.audit.checkpoints import create_checkpoint
 
     settings = _settings()
     db = _database(settings)
     try:
-        made = create_checkpoint(db, FileKeySigner.from_settings(settings), time.time)
+        made = create_checkpoint(db, _keyring(settings, db), time.time)
     except (OSError, ValueError, BrokerError) as exc:
         _fail(f"could not take a checkpoint: {exc}")
     finally:
@@ -313,16 +326,17 @@ def checkpoint() -> None:
         typer.echo(f"signed seq {made['seq']} hash {made['hash']} with key {made['key_id']}")
 
 
-@audit_app.command("public-key")
-def public_key_command() -> None:
-    """Print the public key that verifies this broker's checkpoints (PEM), for auditors."""
-    from broker.audit.checkpoints import FileKeySigner
+@audit_app.command("public-keys")
+def public_keys() -> None:
+    """Print every public key the broker ever signed with (a JWK Set), for auditors who verify
+    exports offline (`broker audit verify --file F --public-key KEYS.json`)."""
+    from broker.audit.checkpoints import StoreKeys
 
+    db = _database(_settings())
     try:
-        signer = FileKeySigner.from_settings(_settings())
-    except (OSError, ValueError) as exc:
-        _fail(f"no signing key: {exc}")
-    typer.echo(signer.public_pem().rstrip())
+        typer.echo(json.dumps(StoreKeys(db).jwks(), indent=2, sort_keys=True))
+    finally:
+        db.dispose()
 
 
 @audit_app.command("ingest-cloudtrail")

@@ -65,6 +65,8 @@ class UseSource(StrEnum):
     OPENBAO = "openbao"
     CLOUDTRAIL = "cloudtrail"
     INTROSPECTION = "introspection"
+    #: Reported by the agent's own tooling (``broker exec``, MCP, SDK): a claim, not an observation.
+    EXEC = "exec"
 
 
 # --- attribute allowlist ----------------------------------------------------------------------

@@ -30,6 +30,7 @@ from broker.domain.audit import (
 from broker.domain.ids import new_id
 from broker.domain.records import Approval, Session, Task
 from broker.domain.scope import ScopeTemplate
+from broker.domain.scrub import scrub_text
 from broker.domain.task import (
     TaskState,
     condition_claims,
@@ -140,7 +141,9 @@ def task_attributes(task: Task) -> dict[str, Any]:
 def check_purpose(purpose: Any) -> str:
     if not isinstance(purpose, str):
         raise ValidationFailed("purpose must be a string", code="invalid_purpose")
-    text = purpose.strip()
+    # A secret pasted into the purpose (an agent quoting its own environment) is never kept:
+    # the purpose is stored, shown to approvers and audited.
+    text = scrub_text(purpose.strip(), limit=None)
     if not text or len(text) > MAX_PURPOSE:
         raise ValidationFailed(
             f"purpose must be 1 to {MAX_PURPOSE} characters", code="invalid_purpose"

@@ -524,12 +524,22 @@ def oldest_unexported_time(conn: Connection) -> float | None:
 
 def insert_checkpoint(
     conn: Connection, seq: int, head_hash: str, created_at: float, key_id: str, signature: str
-) -> None:
-    conn.execute(
-        insert(t.audit_checkpoints).values(
-            seq=seq, hash=head_hash, created_at=created_at, key_id=key_id, signature=signature
-        )
-    )
+) -> bool:
+    """Record a signed checkpoint; False when one for ``seq`` exists (another replica's)."""
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(t.audit_checkpoints).values(
+                    seq=seq,
+                    hash=head_hash,
+                    created_at=created_at,
+                    key_id=key_id,
+                    signature=signature,
+                )
+            )
+    except IntegrityError:
+        return False
+    return True
 
 
 def latest_checkpoint(conn: Connection) -> dict[str, Any] | None:

@@ -244,8 +244,9 @@ def test_the_cli_verifies_and_says_where(
     result = runner.invoke(app, ["audit", "export", "--out", str(out)], env=cli_env)
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 7
-    pub = tmp_path / "pub.pem"
-    pub.write_text(runner.invoke(app, ["audit", "public-key"], env=cli_env).output)
+    pub = tmp_path / "keys.json"
+    pub.write_text(runner.invoke(app, ["audit", "public-keys"], env=cli_env).output)
+    assert json.loads(pub.read_text())["keys"], "the key ring published its key"
     result = runner.invoke(
         app, ["audit", "verify", "--file", str(out), "--public-key", str(pub)], env=cli_env
     )
@@ -260,3 +261,35 @@ def test_the_cli_verifies_and_says_where(
     assert "edited" in result.output
     result = runner.invoke(app, ["audit", "verify", "--json"], env=cli_env)
     assert json.loads(result.output)["findings"][0]["seq"] == 2
+
+
+@pytest.mark.postgres
+def test_two_replicas_sign_one_head_once(pg_url: str, signer: FileKeySigner) -> None:
+    """Replicas checkpointing at the same moment on PostgreSQL record the head once, and the
+    chain with its checkpoint verifies."""
+    import threading
+
+    from broker.store.migrate import upgrade
+
+    upgrade(pg_url)
+    replicas = [Database(pg_url) for _ in range(3)]
+    append_events(replicas[0], 5)
+    barrier = threading.Barrier(len(replicas))
+    made: list[Any] = []
+
+    def take(db: Database) -> None:
+        barrier.wait()
+        made.append(create_checkpoint(db, signer, now))
+
+    threads = [threading.Thread(target=take, args=(db,)) for db in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len([m for m in made if m is not None]) == 1
+    with replicas[0].read() as conn:
+        assert len(repo.audit_checkpoints(conn)) == 1
+    report = verify_store(replicas[0], signer.public_keys())
+    assert report.ok and report.checkpoints == 1 and report.events == 6
+    for db in replicas:
+        db.dispose()

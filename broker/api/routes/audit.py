@@ -213,8 +213,9 @@ def verify(session: AuditorDep, broker: BrokerDep) -> dict[str, Any]:
     from broker.audit.runtime import checkpoint_verifier
     from broker.audit.verify import verify_store
 
-    signer = broker.audit.signer if broker.audit is not None else None
-    report = verify_store(broker.db, checkpoint_verifier(broker.settings, signer))
+    report = verify_store(
+        broker.db, checkpoint_verifier(broker.settings, broker.keyring, broker.db)
+    )
     _audit_access(broker, session, "verify", Outcome.SUCCESS, ok=report.ok)
     return report.as_dict()
 
