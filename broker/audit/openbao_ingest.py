@@ -84,10 +84,13 @@ def _outcome(entry: Mapping[str, Any], auth: Mapping[str, Any]) -> tuple[str, st
     return Outcome.SUCCESS, None
 
 
-def parse_entry(entry: Mapping[str, Any]) -> ObservedUse | None:
+def parse_entry(entry: Mapping[str, Any], *, cluster: str | None = None) -> ObservedUse | None:
     """One audit entry -> an observed use, or None when it cannot concern a credential.
 
-    Only ``response`` entries are used: each carries its request too, plus the outcome.
+    Only ``response`` entries are used: each carries its request too, plus the outcome. Requests
+    made by the broker's own internal tokens (metadata ``broker_role`` other than ``credential``,
+    such as the tokens owning database leases) and by tokens of another broker cluster sharing
+    the same OpenBao (``broker_cluster``) are not uses of this broker's credentials.
     """
     if entry.get("type") != "response":
         return None
@@ -113,7 +116,16 @@ def parse_entry(entry: Mapping[str, Any]) -> ObservedUse | None:
     if not matches:
         return None
     metadata = auth.get("metadata") or {}
-    claimed = metadata.get("broker_credential") if isinstance(metadata, Mapping) else None
+    if not isinstance(metadata, Mapping):
+        metadata = {}
+    if metadata.get("broker_role", "credential") != "credential":
+        return None
+    if cluster is not None and metadata.get("broker_cluster", cluster) != cluster:
+        return None
+    claimed = metadata.get("broker_credential")
+    if isinstance(claimed, str) and claimed:
+        # Last resort, after the accessor: the credential the token's metadata names.
+        matches.append(Match("credential_id", "vault", claimed))
     outcome, error = _outcome(entry, auth)
     namespace = (request.get("namespace") or {}).get("id")
     when = parse_time(entry.get("time"))
@@ -148,9 +160,12 @@ def parse_entry(entry: Mapping[str, Any]) -> ObservedUse | None:
 class EntryHandler:
     """Parses raw audit lines and hands uses to the recorder."""
 
-    def __init__(self, recorder: UseRecorder, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, recorder: UseRecorder, clock: Callable[[], float], *, cluster: str | None = None
+    ) -> None:
         self.recorder = recorder
         self.clock = clock
+        self.cluster = cluster
         self.lines = 0
         self.malformed = 0
 
@@ -167,7 +182,7 @@ class EntryHandler:
         if not isinstance(entry, dict):
             self.malformed += 1
             return None
-        use = parse_entry(entry)
+        use = parse_entry(entry, cluster=self.cluster)
         if use is None:
             return None
         if use.time == 0.0:
@@ -461,12 +476,13 @@ class OpenBaoIngest:
         clock: Callable[[], float],
         *,
         dedup_retention: float = 7 * 86_400.0,
+        cluster: str | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.clock = clock
         self.dedup_retention = dedup_retention
-        self.handler = EntryHandler(recorder, clock)
+        self.handler = EntryHandler(recorder, clock, cluster=cluster)
         self.listener: SocketListener | None = None
         self.tail: FileTail | None = None
         if settings.file is not None:

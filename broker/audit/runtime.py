@@ -57,7 +57,14 @@ class AuditRuntime:
         self.signer = signer or FileKeySigner.from_settings(settings)
         self.checkpointer = Checkpointer(db, self.signer, clock, audit.checkpoint_interval)
         self.openbao = (
-            OpenBaoIngest(audit.openbao, db, uses, clock, dedup_retention=audit.dedup_retention)
+            OpenBaoIngest(
+                audit.openbao,
+                db,
+                uses,
+                clock,
+                dedup_retention=audit.dedup_retention,
+                cluster=settings.cluster_name,
+            )
             if audit.openbao.listen or audit.openbao.file
             else None
         )

@@ -105,6 +105,8 @@ def _use(event: Attrs, a: Attrs) -> list[str]:
         f"{a.get('broker.use.source')} {a.get('broker.use.operation')} "
         f"{_short(a.get('broker.use.target', ''), 100)}: {event.get('outcome')}"
     ]
+    if a.get("broker.use.kind") == "lease_operation":
+        parts.append(f"on the lease, by {a.get('vault.auth.display_name', 'another token')}")
     if a.get("client.address"):
         parts.append(f"from {a.get('client.address')}")
     if a.get("broker.use.error"):

@@ -106,7 +106,11 @@ class UseRecorder:
         for match in use.matches:
             if not match.value:
                 continue
-            if match.detail_key is None:
+            if match.kind == "credential_id":
+                cred = repo.get_credential(conn, match.value)
+                if cred is not None and cred.backend != match.backend:
+                    cred = None
+            elif match.detail_key is None:
                 cred = repo.credential_by_handle(conn, match.backend, match.value)
             else:
                 cred = repo.credential_by_detail(conn, match.backend, match.detail_key, match.value)
@@ -217,6 +221,9 @@ class UseRecorder:
             "broker.backend": cred.backend,
             "broker.credential.kind": cred.kind,
             "broker.use.matched_by": match.kind,
+            # A request made *with* the credential, or an operation *on* its lease by some other
+            # token (renewal, revocation, lookup; the broker's own included).
+            "broker.use.kind": "lease_operation" if match.kind == "lease_id" else "request",
         }
         if task.conversation_id:
             attrs["gen_ai.conversation.id"] = task.conversation_id

@@ -384,7 +384,8 @@ def ingest_openbao(
     db = _database(settings)
     try:
         recorder = UseRecorder(db, time.time)
-        tail = FileTail(path, EntryHandler(recorder, time.time), db, time.time)
+        handler = EntryHandler(recorder, time.time, cluster=settings.cluster_name)
+        tail = FileTail(path, handler, db, time.time)
         lines = tail.poll_once()
         tail.close()
     finally:

@@ -345,3 +345,49 @@ def test_only_known_fields_of_an_audit_entry_are_kept() -> None:
     )
     assert lease is not None
     assert [(m.kind, m.value) for m in lease.matches] == [("lease_id", "database/creds/ro/abc")]
+
+
+@pytest.mark.postgres
+def test_database_leases_the_brokers_own_lease_tokens_are_not_uses_or_unmatched(
+    openbao_db: OpenBao, issuer: TestIssuer, make_settings: Any
+) -> None:
+    """A database credential is read by the broker's internal lease-owner token (metadata
+    ``broker_role = lease_owner``): that request is the issuance, not a use, and is never
+    reported as unmatched. Operations on the lease (the broker's own renewal at issuance) are
+    joined to the credential as lease operations."""
+    bao = openbao_db
+    settings = make_settings(
+        vault=bao.vault_settings(),
+        audit=AuditSettings(openbao=OpenBaoAuditSettings(file=bao.audit_log, poll_interval=3600)),
+    )
+    with (
+        live_broker(settings) as (server, broker),
+        httpx.Client(base_url=server.url, timeout=10) as client,
+    ):
+        session = exchange(client, issuer.token("agent-db", groups=["developers"], ttl=3600))
+        auth = {"Authorization": f"Bearer {session}"}
+        task = client.post(
+            "/v1/tasks", headers=auth, json={"scope": "postgres-readonly", "purpose": "report"}
+        ).json()
+        resp = client.post(f"/v1/tasks/{task['id']}/credentials", headers=auth)
+        assert resp.status_code == 201, resp.text
+        cred = resp.json()
+        assert client.post(f"/v1/tasks/{task['id']}/complete", headers=auth).status_code == 200
+        broker.audit.openbao.poll_once()
+        with broker.db.read() as conn:
+            mine = repo.audit_events(conn, credential_id=cred["credential_id"], limit=1000)
+            unmatched = [
+                e
+                for e in repo.audit_events(conn, name=EventName.USE_UNMATCHED, limit=10_000)
+                if e["attributes"].get("broker.use.claimed_credential") == cred["credential_id"]
+            ]
+    assert unmatched == []
+    uses = [e for e in mine if e["name"] == EventName.CREDENTIAL_USE]
+    paths = [u["attributes"]["vault.request.path"] for u in uses]
+    assert not any("creds/" in p for p in paths), paths
+    # The broker shortening the lease at issuance, as OpenBao itself recorded it.
+    assert "sys/leases/renew" in paths
+    for use in uses:
+        assert use["attributes"]["broker.use.kind"] == "lease_operation"
+        assert use["attributes"]["broker.use.matched_by"] == "lease_id"
+    assert cred["secret"]["password"] not in json.dumps(mine)
