@@ -354,6 +354,60 @@ class WebhookSettings(BaseModel):
         return url
 
 
+class ConsoleSettings(BaseModel):
+    """The web console under ``/ui`` for approvers and auditors (docs/console.md).
+
+    People sign in with OpenID Connect (authorization code with PKCE) at ``issuer``, one of the
+    configured ``issuers`` whose ``audiences`` include ``client_id``; their roles come from its
+    claims exactly as for the API. Without ``issuer`` the console explains that sign-in is not
+    configured and serves nothing else.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    #: The ``name`` of the configured issuer people sign in with (their identity provider).
+    issuer: str | None = None
+    #: The console's client id at that identity provider (also the ID token's audience).
+    client_id: str = Field(default="broker", min_length=1, max_length=256)
+    #: For a confidential client (sent with HTTP Basic); PKCE is used either way.
+    client_secret: SecretStr | None = None
+    #: Where the identity provider sends people back; default ``<public_url>/ui/callback``.
+    redirect_url: str | None = None
+    #: OAuth scopes asked for at sign-in (``openid`` is always included).
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"], max_length=20)
+    #: ``strict`` keeps the session cookie off every cross-site navigation (a link in a chat
+    #: opens the sign-in again); ``lax`` sends it on top-level links. Forms need a CSRF token
+    #: either way.
+    cookie_samesite: Literal["lax", "strict"] = "lax"
+    #: How long a sign-in at the identity provider may take, in seconds.
+    login_ttl: int = Field(default=600, ge=60, le=3600)
+    #: A link to a task's trace in a tracing UI, ``{trace_id}`` replaced, for example
+    #: ``https://jaeger.example.com/trace/{trace_id}``.
+    trace_url: str | None = Field(default=None, max_length=2048)
+    #: How long an audit chain verification is shown before the console runs it again (seconds).
+    verify_interval: float = Field(default=300.0, ge=0, le=86_400)
+
+    @field_validator("trace_url")
+    @classmethod
+    def _trace_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if "{trace_id}" not in url or urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError("trace_url must be an http(s) URL containing {trace_id}")
+        return url
+
+    @field_validator("redirect_url")
+    @classmethod
+    def _redirect_url(cls, url: str | None) -> str | None:
+        if url is not None and (
+            urlsplit(url).scheme not in ("http", "https")
+            or not urlsplit(url).hostname
+            or urlsplit(url).fragment
+        ):
+            raise ValueError("redirect_url must be an absolute http(s) URL without fragment")
+        return url
+
+
 class RateLimitSettings(BaseModel):
     """Broker-wide limits on task requests, per principal over all scopes (templates add their own)."""
 
@@ -393,6 +447,7 @@ class Settings(BaseSettings):
     aws: AwsSettings | None = None
     otlp: OtlpSettings = Field(default_factory=OtlpSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     reaper_interval: float = Field(default=5.0, gt=0)
     #: A credential still ``minting`` this long after its intent was recorded is a crashed mint.
@@ -439,6 +494,22 @@ class Settings(BaseSettings):
         return issuers
 
     @model_validator(mode="after")
+    def _console_issuer(self) -> Settings:
+        """The console signs people in at one configured issuer, as one of its audiences."""
+        name = self.console.issuer
+        if name is None:
+            return self
+        issuer = next((i for i in self.issuers if i.name == name), None)
+        if issuer is None:
+            raise ValueError(f"console.issuer {name!r} names no configured issuer")
+        if self.console.client_id not in issuer.audiences:
+            raise ValueError(
+                f"console.client_id {self.console.client_id!r} must be one of the audiences of "
+                f"issuer {name!r} (the ID tokens it issues to the console name it)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _production_rules(self) -> Settings:
         if not self.dev_mode:
             self.check_production()
@@ -462,6 +533,12 @@ class Settings(BaseSettings):
             problems.append("no signing_key_file (BROKER_SIGNING_KEY_FILE) is set")
         if self.dev_fault is not None:
             problems.append("dev_fault is a test hook")
+        if (
+            self.console.issuer is not None
+            and urlsplit(self.public_url).scheme != "https"
+            and not is_loopback_url(self.public_url)
+        ):
+            problems.append("the console needs an https public_url (its cookies are Secure)")
         for hook in self.webhooks:
             if urlsplit(hook.url).scheme != "https" and not is_loopback_url(hook.url):
                 problems.append(f"webhook {hook.name!r} does not use https")

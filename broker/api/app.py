@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import broker as broker_pkg
-from broker.api import problems
+from broker.api import console, problems
 from broker.api.routes import admin_lifecycle, health, oauth, scopes, sessions, tasks, tokens
 from broker.api.routes import approvals as approvals_routes
 from broker.api.routes import audit as audit_routes
@@ -47,4 +47,5 @@ def create_app(
     app.include_router(audit_routes.router)
     app.include_router(tokens.router)
     app.include_router(admin_lifecycle.router)
+    console.install(app)
     return app

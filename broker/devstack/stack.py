@@ -126,6 +126,8 @@ class DevStack:
                     }
                 ]
             ),
+            # People sign in to the console (/ui) at the dev issuer's sign-in page.
+            "BROKER_CONSOLE__ISSUER": "dev",
             "BROKER_VAULT__ADDR": vault_addr,
             "BROKER_VAULT__TOKEN": broker_token,
             "BROKER_VAULT__TOKEN_ROLE": openbao.CHILD_ROLE,
@@ -158,6 +160,7 @@ class DevStack:
 
         self.urls = {
             "BROKER_URL": broker_url,
+            "BROKER_CONSOLE_URL": f"{broker_url}/ui",
             "VAULT_ADDR": vault_addr,
             "AWS_ENDPOINT_URL": aws_endpoint,
             "OIDC_ISSUER_URL": issuer_url,

@@ -10,6 +10,7 @@ never the token.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,10 +111,24 @@ class SessionService:
 
     # --- exchange -------------------------------------------------------------------------
 
-    def exchange(self, id_token: str, trace: TraceContext | None = None) -> IssuedSession:
-        """Verify an ID token and open a session bounded by its expiry and the configured caps."""
+    def exchange(
+        self,
+        id_token: str,
+        trace: TraceContext | None = None,
+        *,
+        check: Callable[[VerifiedToken], None] | None = None,
+        via: str | None = None,
+    ) -> IssuedSession:
+        """Verify an ID token and open a session bounded by its expiry and the configured caps.
+
+        ``check`` may refuse a verified token for the caller's own reasons (the console checks
+        the sign-in's nonce and issuer) by raising a ``BrokerError``, audited like any refusal;
+        ``via`` names where the session was opened (``broker.session.via``, e.g. ``console``).
+        """
         try:
             verified = self.verifier.verify(id_token)
+            if check is not None:
+                check(verified)
         except BrokerError as exc:  # TokenRefused, IssuerUnavailable
             self.audit_failure(exc, presented=id_token, trace=trace)
             raise
@@ -133,7 +148,7 @@ class SessionService:
         )
         token = new_session_token()
         try:
-            self._open(session, token, verified, id_token, trace)
+            self._open(session, token, verified, id_token, trace, via)
         except AuthenticationFailed as exc:
             self.audit_failure(
                 exc,
@@ -159,6 +174,7 @@ class SessionService:
         verified: VerifiedToken,
         id_token: str,
         trace: TraceContext | None,
+        via: str | None = None,
     ) -> None:
         principal = session.principal
         issuer = verified.issuer
@@ -173,6 +189,8 @@ class SessionService:
         }
         if verified.jti is not None:
             attributes["broker.id_token.jti"] = verified.jti[:256]
+        if via is not None:
+            attributes["broker.session.via"] = via
         if verified.trust.audit_only_denial:
             attributes["broker.trust.mode"] = "audit"
             attributes["broker.trust.would_deny"] = True

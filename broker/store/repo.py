@@ -715,6 +715,24 @@ def get_template_version(conn: Connection, content_hash: str) -> dict[str, Any] 
     return dict(row) if row else None
 
 
+def last_approved_version(
+    conn: Connection, scope: str, *, exclude_task: str | None = None
+) -> dict[str, Any] | None:
+    """The most recently approved task of ``scope`` (id, template hash, decision time), if any.
+
+    The console compares a pending task's template version with this one, to show approvers
+    what changed since a request for the scope was last approved.
+    """
+    c = t.tasks.c
+    query = select(c.id, c.template_hash, c.decided_at).where(
+        c.scope == scope, c.decision_hash.is_not(None), c.decided_at.is_not(None)
+    )
+    if exclude_task is not None:
+        query = query.where(c.id != exclude_task)
+    row = conn.execute(query.order_by(c.decided_at.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
+
+
 # --- task expiry ----------------------------------------------------------------------------
 
 

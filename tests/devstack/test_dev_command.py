@@ -104,6 +104,10 @@ def test_broker_dev_up_answers_and_stops_clean(tmp_path: Path) -> None:
         assert httpx.get(urls["AWS_ENDPOINT_URL"] + "/moto-api/").status_code == 200
         discovery = httpx.get(urls["OIDC_ISSUER_URL"] + "/.well-known/openid-configuration").json()
         assert discovery["issuer"] == urls["OIDC_ISSUER_URL"]
+        # The console signs people in at the dev issuer's sign-in page.
+        login = httpx.get(urls["BROKER_CONSOLE_URL"] + "/login")
+        assert login.status_code == 303
+        assert login.headers["location"].startswith(urls["OIDC_ISSUER_URL"] + "/authorize?")
 
         token = subprocess.run(
             [
