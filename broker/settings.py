@@ -283,6 +283,26 @@ class OpenBaoAuditSettings(BaseModel):
     #: Longest audit entry accepted (OpenBao writes one JSON object per line).
     max_entry_bytes: int = Field(default=1_048_576, ge=4096)
 
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("unix:/"):
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("listen must be HOST:PORT or unix:/absolute/path")
+        return value
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _networks(cls, peers: list[str]) -> list[str]:
+        for peer in peers:
+            try:
+                ipaddress.ip_network(peer, strict=False)
+            except ValueError:
+                raise ValueError(f"allowed_peers: {peer!r} is not an address or network") from None
+        return peers
+
 
 class CloudTrailSettings(BaseModel):
     """Ingest of AWS CloudTrail records: uses of STS credentials the broker minted."""
