@@ -66,8 +66,9 @@ def test_approver_signs_in_sees_the_agents_task_and_approves_it(
     """An agent requests a high-risk task over the API; the webhook's link opens the console,
     which sends the approver through the dev issuer's sign-in page and back to that very task;
     the approvals page lists it with requester, purpose, parameters, risk, TTL and template
-    version; the approver approves with a reason (a plain form post) and the agent's task, read
-    over the API, is approved, decided by that approver. No page breaks the CSP."""
+    version; the task page fits a phone's screen; the approver approves with a reason (a plain
+    form post) and the agent's task, read over the API, is approved, decided by that approver.
+    No page breaks the CSP."""
     hook = WebhookReceiver().start()
     try:
         with console_stack(
@@ -130,6 +131,12 @@ def test_approver_signs_in_sees_the_agents_task_and_approves_it(
             page.wait_for_url(f"{stack.url}/ui/tasks/{task['id']}")
             assert task["template_hash"] in page.locator("#template").inner_text()
             b.shot("task-pending", doc=True)
+            # On a phone: the same page, nothing wider than the screen, the buttons reachable.
+            page.set_viewport_size({"width": 390, "height": 844})
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            assert page.locator("#approve").is_visible()
+            b.shot("task-phone", doc=True)
+            page.set_viewport_size({"width": 1280, "height": 900})
             page.fill("#reason", "release 4.2 is scheduled for today")
             page.click("#approve")
             page.wait_for_url(f"{stack.url}/ui/tasks/{task['id']}?decided=approve")
@@ -373,7 +380,8 @@ def test_no_page_ever_shows_a_secret_a_session_token_or_an_id_token(
     pending and a completed task with its timeline, the audit search in every filter, the
     verification, sign-in failures, sign-out): no rendered page contains the minted OpenBao
     token, a session token (the agents', the approver's, the console's own cookie), or any ID
-    token the dev issuer issued, including the one the console redeemed at sign-in."""
+    token the dev issuer issued, including the one the console redeemed at sign-in. Every page
+    is kept as a screenshot."""
     with kv_stack(tmp_path, issuer_app, openbao) as stack:
         done = completed_kv_task(stack, openbao)
         agent = stack.agent("agent-5", groups=["developers"], broker_roles=["agent"])
@@ -390,32 +398,35 @@ def test_no_page_ever_shows_a_secret_a_session_token_or_an_id_token(
             start="/ui/approvals",
         )
         page = b.page
-        b.keep()
-        for path in (
-            "/ui",
-            f"/ui/tasks/{pending['id']}",
-            f"/ui/tasks/{done['task']['id']}",
-            "/ui/audit",
-            f"/ui/audit?credential={done['credential']}",
-            f"/ui/audit?task={done['task']['id']}",
-            "/ui/audit?principal=dev-ana&name=broker.session.start",
-            "/ui/audit?name=broker.auth.failure",
-            "/ui/audit?since=not-a-time",
-            "/ui/tasks/tsk_doesnotexist",
+        b.shot("every-00-approvals")
+        for n, path in enumerate(
+            (
+                "/ui",
+                f"/ui/tasks/{pending['id']}",
+                f"/ui/tasks/{done['task']['id']}",
+                "/ui/audit",
+                f"/ui/audit?credential={done['credential']}",
+                f"/ui/audit?task={done['task']['id']}",
+                "/ui/audit?principal=dev-ana&name=broker.session.start",
+                "/ui/audit?name=broker.auth.failure",
+                "/ui/audit?since=not-a-time",
+                "/ui/tasks/tsk_doesnotexist",
+            ),
+            start=1,
         ):
             page.goto(stack.url + path)
-            b.keep()
+            b.shot(f"every-{n:02d}")
         page.goto(stack.url + "/ui/audit")
         page.click("#verify-now")
         page.wait_for_url(stack.url + "/ui/audit*")
-        b.keep()
+        b.shot("every-12-verified")
         cookie = next(c["value"] for c in b.context.cookies() if c["name"] == "broker_console")
         page.goto(stack.url + "/ui/callback?code=forged&state=forged")
-        b.keep()
+        b.shot("every-13-sign-in-failed")
         page.goto(stack.url + "/ui/approvals")
         page.click("#sign-out")
         page.wait_for_url(stack.url + "/ui/signed-out")
-        b.keep()
+        b.shot("every-14-signed-out")
 
         secrets = [*done["secrets"], agent.token, agent.id_token, cookie, *stack.issuer.issued]
         assert len(stack.issuer.issued) >= 4  # agents' and the console's sign-in tokens

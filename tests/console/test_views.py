@@ -138,4 +138,5 @@ def test_durations_read_like_people_write_them() -> None:
     assert duration(600) == "10 min"
     assert duration(5400) == "1 h 30 min"
     assert duration(7200) == "2 h"
+    assert duration(0.1234) == "0.123 s"
     assert duration(None) == "-"

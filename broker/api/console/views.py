@@ -74,6 +74,8 @@ def duration(seconds: float | None) -> str:
     """``15 min``, ``1 h 30 min``, ``45 s``."""
     if seconds is None:
         return "-"
+    if seconds < 10 and seconds != int(seconds):
+        return f"{seconds:.3g} s"
     s = round(seconds)
     if s < 120:
         return f"{s} s"
@@ -254,7 +256,8 @@ def build_timeline(
         "task": Lane("task", "Task", f"{task.scope} requested by {task.subject}")
     }
     for cred in credentials:
-        begin = cred.issued_at or cred.created_at
+        # From the intent (recorded before the backend call) to revocation or expiry.
+        begin = min(cred.created_at, cred.issued_at or cred.created_at)
         finish = cred.revoked_at
         open_end = False
         if finish is None and cred.expires_at is not None:
