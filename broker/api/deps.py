@@ -14,7 +14,9 @@ from broker.wiring import Broker
 MAX_BEARER = 512
 
 
-def get_broker(request: Request) -> Broker:
+async def get_broker(request: Request) -> Broker:
+    # async: FastAPI runs a plain def dependency in the thread pool, one hop per request for
+    # nothing; this only reads app state.
     broker: Broker = request.app.state.broker
     return broker
 
@@ -48,7 +50,9 @@ def current_session(
 SessionDep = Annotated[Session, Depends(current_session)]
 
 
-def trace_context(traceparent: Annotated[str | None, Header()] = None) -> TraceContext | None:
+async def trace_context(
+    traceparent: Annotated[str | None, Header()] = None,
+) -> TraceContext | None:
     return parse_traceparent(traceparent)
 
 
