@@ -259,19 +259,37 @@ class Checkpointer:
     """Takes a checkpoint every ``interval`` seconds and a last one when stopped."""
 
     def __init__(
-        self, db: Database, signer: CheckpointSigner, clock: Callable[[], float], interval: float
+        self,
+        db: Database,
+        signer: CheckpointSigner,
+        clock: Callable[[], float],
+        interval: float,
+        *,
+        dedup_retention: float = 7 * 86_400.0,
     ) -> None:
         self.db = db
         self.signer = signer
         self.clock = clock
         self.interval = interval
+        self.dedup_retention = dedup_retention
+        self._last_prune = float("-inf")
         self.last: dict[str, Any] | None = None
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def prune(self) -> int:
+        """Forget ingested-record ids older than the dedup retention (hourly at most)."""
+        now = self.clock()
+        if now - self._last_prune < 3600:
+            return 0
+        self._last_prune = now
+        with self.db.write() as conn:
+            return repo.forget_ingested_before(conn, now - self.dedup_retention)
+
     def run_once(self) -> dict[str, Any] | None:
         try:
+            self.prune()
             made = create_checkpoint(self.db, self.signer, self.clock)
         except Exception as exc:
             self.last_error = type(exc).__name__

@@ -475,13 +475,11 @@ class OpenBaoIngest:
         recorder: UseRecorder,
         clock: Callable[[], float],
         *,
-        dedup_retention: float = 7 * 86_400.0,
         cluster: str | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.clock = clock
-        self.dedup_retention = dedup_retention
         self.handler = EntryHandler(recorder, clock, cluster=cluster)
         self.listener: SocketListener | None = None
         self.tail: FileTail | None = None
@@ -496,19 +494,10 @@ class OpenBaoIngest:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_prune = 0.0
 
     def poll_once(self) -> int:
-        """One pass of the file tail (and, hourly, forget old dedup keys)."""
-        n = 0
-        if self.tail is not None:
-            n = self.tail.poll_once()
-        now = self.clock()
-        if now - self._last_prune > 3600:
-            with self.db.write() as conn:
-                repo.forget_ingested_before(conn, now - self.dedup_retention)
-            self._last_prune = now
-        return n
+        """One pass of the file tail."""
+        return self.tail.poll_once() if self.tail is not None else 0
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.poll_interval):

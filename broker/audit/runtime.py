@@ -55,14 +55,19 @@ class AuditRuntime:
             OutboxExporter(db, sender, settings.otlp, clock) if sender is not None else None
         )
         self.signer = signer or FileKeySigner.from_settings(settings)
-        self.checkpointer = Checkpointer(db, self.signer, clock, audit.checkpoint_interval)
+        self.checkpointer = Checkpointer(
+            db,
+            self.signer,
+            clock,
+            audit.checkpoint_interval,
+            dedup_retention=audit.dedup_retention,
+        )
         self.openbao = (
             OpenBaoIngest(
                 audit.openbao,
                 db,
                 uses,
                 clock,
-                dedup_retention=audit.dedup_retention,
                 cluster=settings.cluster_name,
             )
             if audit.openbao.listen or audit.openbao.file

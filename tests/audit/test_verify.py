@@ -293,3 +293,23 @@ def test_two_replicas_sign_one_head_once(pg_url: str, signer: FileKeySigner) -> 
     assert report.ok and report.checkpoints == 1 and report.events == 6
     for db in replicas:
         db.dispose()
+
+
+def test_old_dedup_keys_are_forgotten_hourly(store: Database, signer: FileKeySigner) -> None:
+    """Ingested record ids are kept for the retention period only (the table stays bounded),
+    pruned by the checkpointer at most once an hour."""
+    from broker.audit.checkpoints import Checkpointer
+
+    clock = [1_000_000.0]
+    with store.write() as conn:
+        assert repo.remember_ingested(conn, "openbao", "old", clock[0] - 8 * 86_400)
+        assert repo.remember_ingested(conn, "openbao", "new", clock[0] - 60)
+    checkpointer = Checkpointer(store, signer, lambda: clock[0], 60, dedup_retention=7 * 86_400)
+    assert checkpointer.prune() == 1
+    with store.write() as conn:
+        assert repo.remember_ingested(conn, "openbao", "old", clock[0])  # forgotten: new again
+        assert not repo.remember_ingested(conn, "openbao", "new", clock[0])
+        assert repo.remember_ingested(conn, "openbao", "older", clock[0] - 9 * 86_400)
+    assert checkpointer.prune() == 0  # not again within the hour
+    clock[0] += 3601
+    assert checkpointer.prune() == 1
