@@ -210,14 +210,17 @@ class AwsStsBackend:
                 internal=f"{code}: {exc}"[:500],
             ) from None
         except _NOT_SENT as exc:
+            self._caller = None  # readiness checks again instead of trusting its cache
             raise ServiceUnavailable(
                 "AWS STS is unavailable", code="backend_unavailable", internal=repr(exc)[:500]
             ) from None
         except _MAYBE_SENT as exc:
+            self._caller = None
             raise MintOutcomeUnknown(
                 "AWS STS did not answer in time; nothing was issued", internal=repr(exc)[:500]
             ) from None
         except botocore.exceptions.BotoCoreError as exc:
+            self._caller = None
             raise ServiceUnavailable(
                 "AWS STS is unavailable", code="backend_unavailable", internal=repr(exc)[:500]
             ) from None

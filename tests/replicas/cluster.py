@@ -217,7 +217,7 @@ def base_config(
         "log_level": "warning",
         "reaper_interval": 1.0,
         "audit": {"checkpoint_interval": 1.0},
-        "otlp": {"interval": 0.1, "max_backoff": 1.0, "timeout": 2.0},
+        "otlp": {"interval": 0.1, "max_backoff": 1.0, "timeout": 10.0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
