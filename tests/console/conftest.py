@@ -51,12 +51,15 @@ def _no_browser(reason: str) -> None:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole session; each test opens its own context.
+    """One headless Chromium for the browser tests (they live in one module, so this is one
+    browser per session); each test opens its own context.
 
     Playwright's ``launch`` gives the browser a fresh temporary user-data-dir; every test's
-    context starts with no cookies and no storage.
+    context starts with no cookies and no storage. Module scope, not session: while Playwright's
+    synchronous API is open, asyncio counts a loop as running in the main thread, which would
+    break later tests that run their own (``anyio.run``).
     """
     if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
         _no_browser(f"no Chromium at {CHROMIUM}")

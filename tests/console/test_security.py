@@ -341,6 +341,7 @@ def test_every_console_response_carries_a_strict_csp_and_the_pages_need_nothing_
             "/ui/static/console.css",
             "/ui/static/console.js",
             "/ui/static/missing.js",
+            "/ui/no/such/page",
         ):
             answers.append(client.get(path))
         for answer in answers:
@@ -360,3 +361,6 @@ def test_every_console_response_carries_a_strict_csp_and_the_pages_need_nothing_
         assert "unsafe-inline" not in CONTENT_SECURITY_POLICY
         assert "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY
         assert "content-security-policy" not in client.get("/healthz").headers
+        missing = client.get("/ui/no/such/page")
+        assert missing.status_code == 404
+        assert "There is no such page." in missing.text

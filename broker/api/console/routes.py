@@ -38,6 +38,7 @@ from broker.api.console.security import (
     safe_next,
 )
 from broker.domain.audit import canonical_json
+from broker.domain.principal import Principal
 from broker.domain.records import Session, Task
 from broker.errors import (
     AuthenticationFailed,
@@ -97,7 +98,7 @@ class Viewer:
     token: str
 
     @property
-    def principal(self) -> Any:
+    def principal(self) -> Principal:
         return self.session.principal
 
     @property
@@ -778,6 +779,15 @@ def static(request: Request, name: str) -> Response:
         console.static[name],
         media_type=_STATIC[name],
         headers={"Cache-Control": "no-cache"},
+    )
+
+
+@router.get("/{rest:path}", response_class=HTMLResponse)
+def not_found(request: Request, rest: str) -> Response:
+    """Any other path under /ui: an HTML 404 page (the API's answers are problem+json)."""
+    console = _console(request)
+    return console.message(
+        console.viewer(request), "Not found", "There is no such page.", status=404
     )
 
 
