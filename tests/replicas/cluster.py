@@ -148,6 +148,29 @@ risk: low
 approval:
   mode: auto
 """,
+    # Broker-signed JWTs with a per-principal rate limit (load tests: 429s are expected).
+    "replica-jwt-limited": """\
+name: replica-jwt-limited
+description: A broker-signed token, at most three requests per principal in five seconds.
+owner: platform-team
+backend:
+  type: broker_jwt
+  audience: https://demo-api.example
+requester:
+  all:
+    - claim: sub
+      regex: "[A-Za-z0-9._:/@-]{1,128}"
+ttl:
+  default: 600
+  max: 3600
+max_active_tasks: 1000
+risk: low
+approval:
+  mode: auto
+limits:
+  principal:
+    - {requests: 3, per: 5}
+""",
     # AWS STS through moto.
     "replica-sts": """\
 name: replica-sts
