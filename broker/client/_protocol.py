@@ -105,6 +105,21 @@ def read_problem(resp: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
+#: Token-exchange codes that mean the form itself was wrong, not the ID token.
+_FORM_ERRORS = frozenset(
+    {"invalid_request", "unsupported_grant_type", "unsupported_token_type", "invalid_target"}
+)
+
+
+def _refused_id_token(resp: httpx.Response, status: int, code: str) -> bool:
+    """RFC 8693 answers a refused ID token with 400; its problem code says why (token_expired, ...)."""
+    try:
+        path = resp.request.url.path
+    except RuntimeError:  # a response built without a request
+        return False
+    return status == 400 and path.endswith("/oauth2/token") and code not in _FORM_ERRORS
+
+
 def error_for(  # noqa: PLR0911  # one answer per status family reads best as a flat table
     resp: httpx.Response, *, audience: str = "broker"
 ) -> BrokerClientError:
@@ -116,7 +131,7 @@ def error_for(  # noqa: PLR0911  # one answer per status family reads best as a 
     kw: dict[str, Any] = {"status": status, "problem": problem}
     if code:
         kw["code"] = code
-    if status == 401:
+    if status == 401 or _refused_id_token(resp, status, code):
         return AuthenticationError(
             f"the broker refused the credentials: {detail}",
             next_step=(

@@ -344,3 +344,22 @@ def test_cache_keys_separate_identities() -> None:
     }
     assert len(keys) == 4
     assert all("agent" not in k for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("token_expired", AuthenticationError),
+        ("unknown_issuer", AuthenticationError),
+        ("invalid_request", InvalidRequest),
+        ("unsupported_token_type", InvalidRequest),
+    ],
+)
+def test_a_refused_id_token_is_an_authentication_error(code: str, kind: type[Exception]) -> None:
+    """RFC 8693 answers a refused ID token with 400; the client still says 'log in again', while a
+    malformed exchange form stays an InvalidRequest."""
+    request = httpx.Request("POST", "http://broker.test/oauth2/token")
+    resp = httpx.Response(
+        400, json={"code": code, "error": "invalid_request", "detail": "refused"}, request=request
+    )
+    assert isinstance(proto.error_for(resp), kind)
