@@ -107,8 +107,8 @@ class CredentialState(StrEnum):
 def condition_claims(principal: Principal) -> dict[str, Any]:
     """The claims conditions see: the verified claims, with the mapped groups as ``groups``.
 
-    The store keeps a principal's groups apart from its other claims, so a principal read back
-    from a session would otherwise lose the ``groups`` claim a template's conditions name.
+    A token's own ``groups`` claim wins; otherwise the groups mapped from the issuer's groups
+    claim (which may have another name) are offered as ``groups``.
     """
     claims = dict(principal.claims)
     claims.setdefault("groups", list(principal.groups))

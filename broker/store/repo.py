@@ -29,6 +29,10 @@ from broker.store import schema as t
 # --- sessions -------------------------------------------------------------------------------
 
 
+#: Where a session row keeps the principal's mapped groups, beside (never over) its claims.
+_GROUPS_KEY = "broker:groups"
+
+
 def insert_session(conn: Connection, session: Session, token_hash: str) -> None:
     p = session.principal
     conn.execute(
@@ -39,7 +43,7 @@ def insert_session(conn: Connection, session: Session, token_hash: str) -> None:
             "issuer": p.issuer,
             "subject": p.subject,
             "display_name": p.display_name,
-            "claims": {**p.claims, "groups": list(p.groups)},
+            "claims": {**p.claims, _GROUPS_KEY: list(p.groups)},
             "roles": sorted(p.roles),
             "created_at": session.created_at,
             "expires_at": session.expires_at,
@@ -52,7 +56,7 @@ def insert_session(conn: Connection, session: Session, token_hash: str) -> None:
 
 def _session(row: RowMapping) -> Session:
     claims = dict(row["claims"])
-    groups = tuple(claims.pop("groups", ()) or ())
+    groups = tuple(claims.pop(_GROUPS_KEY, ()) or ())
     return Session(
         id=row["id"],
         principal=Principal(

@@ -83,3 +83,35 @@ def test_concurrent_sqlite_writers_do_not_fail(sqlite_url: str) -> None:
     assert len(rows) == 320
     assert all(b["prev_hash"] == a["hash"] for a, b in zip(rows, rows[1:], strict=False))
     db.dispose()
+
+
+def test_a_session_keeps_both_its_groups_claim_and_its_mapped_groups(sqlite_url: str) -> None:
+    """Groups mapped from another claim are stored beside the token's own ``groups`` claim, not over it."""
+    from broker.domain.principal import Principal
+    from broker.domain.records import Session
+
+    upgrade(sqlite_url)
+    db = Database(sqlite_url)
+    principal = Principal(
+        issuer="https://idp",
+        subject="s",
+        groups=("mapped",),
+        claims={"groups": ["from-token"], "team": "x"},
+    )
+    session = Session(
+        id="ses_1",
+        principal=principal,
+        created_at=1.0,
+        expires_at=2.0,
+        ended_at=None,
+        trace_id="a" * 32,
+        span_id="b" * 16,
+    )
+    with db.write() as conn:
+        repo.insert_session(conn, session, "h" * 64)
+    with db.read() as conn:
+        loaded = repo.get_session(conn, "ses_1")
+    assert loaded is not None
+    assert loaded.principal.groups == ("mapped",)
+    assert loaded.principal.claims == {"groups": ["from-token"], "team": "x"}
+    db.dispose()
