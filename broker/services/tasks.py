@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -147,6 +148,12 @@ def check_purpose(purpose: Any) -> str:
     if not text or len(text) > MAX_PURPOSE:
         raise ValidationFailed(
             f"purpose must be 1 to {MAX_PURPOSE} characters", code="invalid_purpose"
+        )
+    # Approvers read the purpose: bidi overrides, zero-width and control characters could make
+    # it say something else on screen than in the record. Line breaks and tabs are fine.
+    if any(unicodedata.category(c) in ("Cc", "Cf") and c not in "\n\t" for c in text):
+        raise ValidationFailed(
+            "purpose contains invisible control or formatting characters", code="invalid_purpose"
         )
     return text
 

@@ -103,13 +103,16 @@ def test_other_refusals_are_problems_and_audited(issuer: TestIssuer, make_settin
         agent = cast(client, issuer).agent
         assert agent.request("no-such-scope").json()["code"] == "unknown_scope"
         assert agent.request("vault-kv-read", purpose="   ").json()["code"] == "invalid_purpose"
+        # A right-to-left override would show approvers another text than the record holds.
+        rtl = "rotate keys \u202egnp.tpircs\u202c now"
+        assert agent.request("vault-kv-read", purpose=rtl).json()["code"] == "invalid_purpose"
         assert agent.request("vault-kv-read", ttl=7200).json()["code"] == "ttl_too_long"
         codes = [
             e["attributes"]["broker.refusal.code"]
             for e in events(broker)
             if e["name"] == "broker.request.denied"
         ]
-        assert codes == ["unknown_scope", "invalid_purpose", "ttl_too_long"]
+        assert codes == ["unknown_scope", "invalid_purpose", "invalid_purpose", "ttl_too_long"]
 
 
 LIMITED = """\
