@@ -254,6 +254,16 @@ def test_operators_kill_tasks_and_roles_and_see_pending_revocations(
         bad = admin.post("/v1/admin/kill-switches", json={"reason": "neither"})
         assert bad.status_code == 422
 
+        # Per task: the task is killed and its STS sessions denied by their SourceIdentity.
+        s3 = agent.request("aws-s3-read", {"bucket": "example-data-logs", "prefix": "x"}).json()
+        identity = mint_ok(agent, s3["id"])["details"]["source_identity"]
+        made = admin.post("/v1/admin/kill-switches", json={"task_id": s3["id"], "reason": "odd"})
+        assert made.status_code == 201, made.text
+        assert made.json()["task"]["state"] == "revoked"
+        [entry] = made.json()["kill_switches"]
+        assert (entry["kind"], entry["value"]) == ("source_identity", identity)
+        assert entry["created_by"].endswith("#ada")
+
         report = admin.post("/v1/admin/reaper/run").json()
         assert report["orphan_scan"] is True and report["errors"] == []
         status = admin.get("/v1/admin/reaper").json()
