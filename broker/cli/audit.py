@@ -11,13 +11,15 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
 
 import httpx
 import typer
 
 from broker.errors import BrokerError, ConfigurationError
-from broker.settings import Settings
+
+if TYPE_CHECKING:  # settings pull in pydantic and CEL; commands load them when they run
+    from broker.settings import Settings
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit record: trace, export, verify.")
 

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -20,7 +20,9 @@ from broker.cli import audit as audit_commands
 from broker.cli import people as people_commands
 from broker.cli import scopes as scopes_commands
 from broker.errors import BrokerError, ConfigurationError
-from broker.settings import Settings
+
+if TYPE_CHECKING:  # settings pull in pydantic and CEL; commands load them when they run
+    from broker.settings import Settings
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
@@ -29,10 +31,10 @@ db_app = typer.Typer(no_args_is_help=True, help="The broker's store.")
 dev_app = typer.Typer(help="The local development stack.", invoke_without_command=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
-agent_commands.register(app)  # login, request, exec, status, tasks, complete, mcp
 app.add_typer(scopes_commands.scopes_app, name="scopes")
 app.add_typer(people_commands.approvals_app, name="approvals")
 app.add_typer(audit_commands.audit_app, name="audit")
+agent_commands.register(app)  # login, request, exec, status, tasks, complete, mcp
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from broker.domain.scope import ScopeTemplate
-from broker.scopes.evaluate import evaluate, load_cases, run_cases
-from broker.scopes.loader import LintProblem, LoadedTemplate, load_folder, parse_template
+if TYPE_CHECKING:  # template models pull in pydantic and CEL; commands import them when they run
+    from broker.scopes.loader import LintProblem, LoadedTemplate
 
 scopes_app = typer.Typer(no_args_is_help=True, help="Scope templates: schema, lint, test.")
 
@@ -27,6 +26,8 @@ SCHEMA_ID = "https://broker.dev/schemas/scope-template.json"
 
 def template_schema() -> dict[str, Any]:
     """The published JSON Schema of a scope template file."""
+    from broker.domain.scope import ScopeTemplate
+
     schema = ScopeTemplate.model_json_schema(mode="validation")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
 
@@ -46,6 +47,8 @@ def schema(
 
 
 def _collect(paths: list[Path]) -> tuple[dict[str, LoadedTemplate], list[LintProblem]]:
+    from broker.scopes.loader import LintProblem, load_folder, parse_template
+
     templates: dict[str, LoadedTemplate] = {}
     problems: list[LintProblem] = []
     for path in paths:
@@ -146,6 +149,9 @@ def run_tests(
     ttl: Annotated[int | None, typer.Option(help="The TTL to ask for.")] = None,
 ) -> None:
     """Evaluate templates against sample claims and parameters, as the broker would decide."""
+    from broker.scopes.evaluate import evaluate, load_cases, run_cases
+    from broker.scopes.loader import load_folder
+
     templates, problems = load_folder(folder)
     for problem in problems:
         if problem.severity == "error":
