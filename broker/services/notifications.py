@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import json
 import logging
-import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,6 +33,7 @@ from broker.domain.records import Approval, Task
 from broker.domain.scope import ScopeTemplate
 from broker.domain.scrub import scrub_value
 from broker.errors import ConfigurationError
+from broker.periodic import Periodic
 from broker.services.common import Clock
 from broker.settings import Settings, WebhookSettings
 from broker.store import Database, Tx, repo
@@ -138,8 +138,7 @@ class WebhookNotifier:
         self.clock = clock
         self._transport = transport
         self._client: httpx.Client | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker: Periodic | None = None
 
     # --- enqueue (inside the caller's transaction) ------------------------------------------
 
@@ -308,24 +307,15 @@ class WebhookNotifier:
 
     def start(self, interval: float = 0.5) -> None:
         """Deliver in a background thread until :meth:`stop`."""
-        if not self.hooks or self._thread is not None:
+        if not self.hooks or self._worker is not None:
             return
-
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    self.deliver_due()
-                except Exception:
-                    log.exception("webhook delivery pass failed")
-
-        self._thread = threading.Thread(target=loop, name="broker-webhooks", daemon=True)
-        self._thread.start()
+        self._worker = Periodic("broker-webhooks", interval, self.deliver_due)
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
         if self._client is not None:
             self._client.close()
             self._client = None

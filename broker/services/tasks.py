@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -50,6 +49,7 @@ from broker.errors import (
     RateLimited,
     ValidationFailed,
 )
+from broker.periodic import Periodic
 from broker.scopes.loader import LoadedTemplate, ScopeCatalog
 from broker.scopes.params import validate_params
 from broker.scopes.render import render_backend
@@ -717,7 +717,7 @@ class TaskService:
             )
 
 
-class ExpiryLoop:
+class ExpiryLoop(Periodic):
     """Runs :meth:`TaskService.expire_due` every ``interval`` seconds in a background thread.
 
     Reads expire lapsed tasks lazily too; the loop makes expiry (and its webhook) happen on time
@@ -725,24 +725,5 @@ class ExpiryLoop:
     """
 
     def __init__(self, tasks: TaskService, interval: float) -> None:
+        super().__init__("broker-task-expiry", interval, tasks.expire_due)
         self.tasks = tasks
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        def loop() -> None:
-            while not self._stop.wait(self.interval):
-                try:
-                    self.tasks.expire_due()
-                except Exception:
-                    log.exception("task expiry pass failed")
-
-        self._thread = threading.Thread(target=loop, name="broker-task-expiry", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
