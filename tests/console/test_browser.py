@@ -222,14 +222,28 @@ def test_the_approve_path_works_without_javascript(
 def test_look_alike_and_invisible_characters_are_made_visible(
     tmp_path: Path, issuer_app: DevIssuer, browsing: Any
 ) -> None:
-    """A parameter with a Cyrillic letter posing as a Latin one and a purpose with a right-to-left
-    override and a zero-width space are shown with each odd character marked and named, a
-    warning in words, and the invisible ones never reaching the page as themselves."""
+    """A parameter with a Cyrillic letter posing as a Latin one, and a requester whose display name
+    (from the ID token) carries a right-to-left override and a zero-width space, are shown with each
+    odd character marked and named, a warning in words, and the invisible ones never reaching the
+    page as themselves. (The API refuses such characters in a purpose outright.)"""
     with console_stack(tmp_path, issuer_app) as stack:
-        agent = stack.agent("agent-9", groups=["developers"], broker_roles=["agent"])
+        name = "Ana \u202egnp.exe\u202c Notes\u200b"
+        agent = stack.agent("agent-9", name=name, groups=["developers"], broker_roles=["agent"])
         ticket = "CHG-12\u0430"  # a Cyrillic small a at the end
-        purpose = "approve \u202egnp.exe\u202c the notes\u200b"
-        task = agent.request("deploy-notes", {"environment": "staging", "ticket": ticket}, purpose)
+        refused = stack.client.post(
+            "/v1/tasks",
+            json={
+                "scope": "deploy-notes",
+                "params": {"environment": "staging", "ticket": "CHG-1"},
+                "purpose": "approve \u202egnp.exe\u202c the notes",
+            },
+            headers=agent.auth,
+        )
+        assert refused.status_code == 422
+        assert refused.json()["code"] == "invalid_purpose"
+        task = agent.request(
+            "deploy-notes", {"environment": "staging", "ticket": ticket}, "ship the release notes"
+        )
         b = browsing("confusables")
         sign_in_page(b, stack, sub="sam", groups="sre", roles=("approver",))
         b.page.goto(f"{stack.url}/ui/tasks/{task['id']}")
@@ -238,9 +252,9 @@ def test_look_alike_and_invisible_characters_are_made_visible(
         assert "CYRILLIC SMALL LETTER A" in b.page.inner_html("#request")
         assert "looks like 'a'" in b.page.inner_html("#request")
         assert "mixes scripts: Latin, Cyrillic" in request
-        assert "[U+202E RIGHT-TO-LEFT OVERRIDE]" in request
-        assert "[U+200B ZERO WIDTH SPACE]" in request
-        assert "bidirectional control characters" in request
+        page_text = b.page.inner_text("body")
+        assert "[U+202E RIGHT-TO-LEFT OVERRIDE]" in page_text
+        assert "[U+200B ZERO WIDTH SPACE]" in page_text
         html = b.keep()
         assert "\u202e" not in html
         assert "\u200b" not in html
