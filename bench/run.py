@@ -5,7 +5,9 @@ Run: ``.venv/bin/python -m bench.run`` (about ten minutes; ``--quick`` for a smo
 1. end-to-end issuance per backend through 1 and 2 broker replicas at 1, 8 and 32 concurrent
    agents, next to the direct path and the bare backend call (``bench/issuance.py``);
 2. audit append and export throughput on PostgreSQL (``bench/audit_export.py``);
-3. JWKS and discovery fetches of the issuer during all the issuance above.
+3. JWKS and discovery fetches of the issuer during all the issuance above;
+4. PostgreSQL round trips per step of one issuance (``bench/roundtrips.py``: a count, steady
+   on a busy machine where times are not).
 
 Prints the tables and the ratios against the goals, and writes everything to
 ``bench/results/issuance.json`` (the numbers in docs/performance.md come from there).
@@ -19,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench import audit_export, issuance
+from bench import audit_export, issuance, roundtrips
 from bench.stack import machine, started
 
 RESULTS = Path(__file__).parent / "results"
@@ -99,6 +101,11 @@ def report(results: dict[str, Any]) -> list[str]:
             f"one exporter, {audit['export_per_second_two_exporters']}/s with two "
             f"(batches of {audit['batch_size']}, {audit['compression']})"
         )
+    if results.get("roundtrips"):
+        lines.append(
+            "== PostgreSQL round trips per step (counted, not timed): "
+            + ", ".join(f"{k} {v}" for k, v in results["roundtrips"].items())
+        )
     for j in results["issuance"]["jwks"]:
         lines.append(
             f"== JWKS: {j['replicas']} replica(s): {j['exchanges_measured']} token exchanges, "
@@ -143,6 +150,7 @@ def main() -> None:
             warmup=args.warmup,
         )
         results["audit"] = audit_export.run(stack.sink.endpoint, events=args.audit_events)
+    results["roundtrips"] = roundtrips.run()
     results["load_average_at_end"] = machine()["load_average_at_start"]
     lines = report(results)
     results["report"] = lines
