@@ -7,6 +7,7 @@ once happened once, whichever replica won.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from functools import partial
@@ -286,6 +287,54 @@ def test_completion_and_admin_kill_racing_revoke_once(
         assert [e["outcome"] for e in revokes] == ["success"]
         tokens = live_tokens(openbao.addr, openbao.root_token, cluster.config["cluster_name"])
         assert cred.id not in tokens
+
+
+def _later(delay: float, call: Any) -> Any:
+    time.sleep(delay)
+    return call()
+
+
+def test_a_mint_racing_completion_or_logout_on_the_other_replica_leaves_nothing_alive(
+    clients: list[httpx.Client],
+    issuer: TestIssuer,
+    store: Database,
+    cluster: Cluster,
+    openbao: OpenBao,
+) -> None:
+    """Revocation against minting: a mint on one replica while the task is completed (or the
+    whole session ended) on the other. Whichever wins, the task ends completed and no OpenBao
+    token of it is left alive: either the mint is refused (409), or it is taken back by the
+    mint itself (``task_ended``) or by the completion; a secret is only ever returned for a
+    credential that is then revoked."""
+    outcomes: Counter[str] = Counter()
+    for round_ in range(8):
+        agent = login(clients[0], issuer, unique_sub("mint-vs-end"))
+        task_id = _approved_task(clients[round_ % 2], agent)
+        minting, ending = clients[round_ % 2], clients[(round_ + 1) % 2]
+        if round_ % 3 == 2:
+            end = partial(ending.delete, "/v1/sessions/current", headers=agent.auth)
+        else:
+            end = partial(complete, ending, agent, task_id)
+        # Staggered by a few milliseconds a round, so the end lands before, during and after
+        # the mint's backend call.
+        minted, ended = race(
+            [partial(mint, minting, agent, task_id), partial(_later, round_ * 0.004, end)]
+        )
+        assert ended.status_code in (200, 204), ended.text
+        assert minted.status_code in (201, 409, 401), minted.text
+        outcomes[f"{minted.status_code} {minted.json().get('code', '')}".strip()] += 1
+        with store.read() as conn:
+            task = repo.get_task(conn, task_id)
+        assert task is not None and task.state.value in ("completed", "cancelled")
+
+        def settled(task_id: str = task_id) -> bool:
+            creds = credentials(store, task_id)
+            return all(c.state.value in ("revoked", "failed") for c in creds)
+
+        wait_until(settled, timeout=30, what="the task's credentials to be taken back")
+        tokens = live_tokens(openbao.addr, openbao.root_token, cluster.config["cluster_name"])
+        assert not {c.id for c in credentials(store, task_id)} & set(tokens)
+    print("mint outcomes:", dict(outcomes))
 
 
 def test_reapers_on_both_replicas_share_the_work_without_a_leader(
