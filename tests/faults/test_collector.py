@@ -8,7 +8,7 @@ import pytest
 
 from broker.store import Database
 from broker.store.migrate import upgrade
-from tests.faults.conftest import all_exported, chain_verifies
+from tests.faults.checks import all_exported, chain_verifies
 from tests.replicas.cluster import (
     Cluster,
     base_config,

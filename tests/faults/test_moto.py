@@ -11,7 +11,7 @@ import pytest
 
 from broker.store import Database, repo
 from broker.store.migrate import upgrade
-from tests.faults.conftest import all_exported, chain_verifies, problem
+from tests.faults.checks import all_exported, chain_verifies, problem
 from tests.faults.parts import restart_moto
 from tests.replicas.cluster import (
     Cluster,

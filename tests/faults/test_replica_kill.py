@@ -10,7 +10,7 @@ import pytest
 
 from broker.store import Database, repo
 from broker.store.migrate import upgrade
-from tests.faults.conftest import all_exported, chain_verifies
+from tests.faults.checks import all_exported, chain_verifies
 from tests.replicas.cluster import (
     Cluster,
     base_config,

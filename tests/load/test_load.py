@@ -11,7 +11,7 @@ import pytest
 
 from broker.store import Database, repo
 from broker.store.migrate import upgrade
-from tests.faults.conftest import all_exported
+from tests.faults.checks import all_exported
 from tests.load.engine import run_load
 from tests.replicas.cluster import Cluster, base_config, scope_folder, vault_config
 from tests.support.issuer import TestIssuer

@@ -1,4 +1,4 @@
-"""Shared pieces of the fault tests: the audit checks every fault test ends with."""
+"""The checks every fault test ends with: every event exported once, the chain verified, clear errors."""
 
 from __future__ import annotations
 
