@@ -353,51 +353,72 @@ def run(
     warmup: float,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Every series; returns the summaries plus JWKS fetch counts and replica memory."""
+    """Every series; returns the summaries plus JWKS fetch counts and replica memory.
+
+    All clusters run side by side (each on its own database) and the series are interleaved:
+    for each backend and number of agents, the direct path, then the broker with each replica
+    count back to back, so a change in the machine's load hits them alike.
+    """
+    from contextlib import ExitStack
+
+    from bench.stack import rss_kb
+
     results: list[dict[str, Any]] = []
-    jwks: list[dict[str, Any]] = []
 
     def record(series: Series) -> None:
         summary = series.summary()
         results.append(summary)
         progress(_line(summary))
 
-    for backend in backends:
-        for agents in levels:
-            if backend == "vault":
-                record(asyncio.run(direct_vault(stack, agents, seconds, warmup, login=True)))
-                record(asyncio.run(direct_vault(stack, agents, seconds, warmup, login=False)))
-            elif backend == "aws_sts":
-                record(asyncio.run(direct_sts(stack, agents, seconds, warmup)))
-            else:
-                record(asyncio.run(direct_jwt(agents, seconds, warmup)))
-    memory: list[dict[str, Any]] = []
-    for replicas in replica_counts:
-        before = _fetches(stack.issuer)
-        with stack.cluster(replicas) as (nodes, _url):
-            from bench.stack import rss_kb
-
-            rss_start = [rss_kb(r.process.pid or 0) for r in nodes.replicas if r.process]
-            exchanges = 0
-            for backend in backends:
-                for agents in levels:
+    with ExitStack() as running:
+        clusters = {n: running.enter_context(stack.cluster(n))[0] for n in replica_counts}
+        rss_start = {
+            n: [rss_kb(r.process.pid or 0) for r in c.replicas if r.process]
+            for n, c in clusters.items()
+        }
+        exchanges = dict.fromkeys(replica_counts, 0)
+        jwks_fetches = dict.fromkeys(replica_counts, 0)
+        discovery_fetches = dict.fromkeys(replica_counts, 0)
+        for backend in backends:
+            for agents in levels:
+                if backend == "vault":
+                    record(asyncio.run(direct_vault(stack, agents, seconds, warmup, login=True)))
+                    record(asyncio.run(direct_vault(stack, agents, seconds, warmup, login=False)))
+                elif backend == "aws_sts":
+                    record(asyncio.run(direct_sts(stack, agents, seconds, warmup)))
+                else:
+                    record(asyncio.run(direct_jwt(agents, seconds, warmup)))
+                for replicas, nodes in clusters.items():
+                    before = _fetches(stack.issuer)
                     series = asyncio.run(
                         broker_run(nodes.urls, stack.issuer, backend, agents, seconds, warmup)
                     )
+                    after = _fetches(stack.issuer)
                     record(series)
-                    exchanges += len(series.steps.get("exchange", [])) + sum(series.errors.values())
-            rss_end = [rss_kb(r.process.pid or 0) for r in nodes.replicas if r.process]
-        after = _fetches(stack.issuer)
-        jwks.append(
+                    exchanges[replicas] += len(series.steps.get("exchange", []))
+                    exchanges[replicas] += sum(series.errors.values())
+                    jwks_fetches[replicas] += after["/jwks"] - before["/jwks"]
+                    discovery_fetches[replicas] += (
+                        after["/.well-known/openid-configuration"]
+                        - before["/.well-known/openid-configuration"]
+                    )
+        memory = [
             {
-                "replicas": replicas,
-                "exchanges_measured": exchanges,
-                "jwks_fetches": after["/jwks"] - before["/jwks"],
-                "discovery_fetches": after["/.well-known/openid-configuration"]
-                - before["/.well-known/openid-configuration"],
+                "replicas": n,
+                "rss_kb_start": rss_start[n],
+                "rss_kb_end": [rss_kb(r.process.pid or 0) for r in c.replicas if r.process],
             }
-        )
-        memory.append({"replicas": replicas, "rss_kb_start": rss_start, "rss_kb_end": rss_end})
+            for n, c in clusters.items()
+        ]
+    jwks = [
+        {
+            "replicas": n,
+            "exchanges_measured": exchanges[n],
+            "jwks_fetches": jwks_fetches[n],
+            "discovery_fetches": discovery_fetches[n],
+        }
+        for n in replica_counts
+    ]
     return {"series": results, "jwks": jwks, "memory": memory}
 
 
