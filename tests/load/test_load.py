@@ -20,9 +20,9 @@ from tests.support.services import OpenBao
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
-#: CI-sized by default; BROKER_LOAD_SECONDS / BROKER_LOAD_AGENTS make it longer or wider.
-SECONDS = float(os.environ.get("BROKER_LOAD_SECONDS", "12"))
-AGENTS = int(os.environ.get("BROKER_LOAD_AGENTS", "6"))
+#: CI-sized by default; LOAD_TEST_SECONDS / LOAD_TEST_AGENTS make it longer or wider.
+SECONDS = float(os.environ.get("LOAD_TEST_SECONDS", "12"))
+AGENTS = int(os.environ.get("LOAD_TEST_AGENTS", "6"))
 
 
 @pytest.fixture
