@@ -433,7 +433,23 @@ class VaultBackend:
         }
 
     def _revoke_accessor(self, accessor: str) -> None:
-        self.client.adapter.post("/v1/auth/token/revoke-accessor", json={"accessor": accessor})
+        try:
+            self.client.adapter.post("/v1/auth/token/revoke-accessor", json={"accessor": accessor})
+        except hvac.exceptions.VaultError:
+            # Two replicas revoking one token at once: the loser may get an error other than
+            # "invalid accessor" while the winner's revocation completes. Gone is revoked.
+            if self._accessor_gone(accessor):
+                return
+            raise
+
+    def _accessor_gone(self, accessor: str) -> bool:
+        try:
+            self.client.adapter.post("/v1/auth/token/lookup-accessor", json={"accessor": accessor})
+        except hvac.exceptions.InvalidRequest as exc:
+            return "invalid accessor" in str(exc).lower()
+        except hvac.exceptions.VaultError:
+            return False
+        return False
 
     def _revoke_by_metadata(self, credential_id: str) -> None:
         """Revoke whatever carries this credential id (a mint whose outcome was unknown)."""
