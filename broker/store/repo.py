@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -12,7 +11,6 @@ from sqlalchemy import (
     Connection,
     RowMapping,
     and_,
-    bindparam,
     delete,
     func,
     insert,
@@ -364,28 +362,6 @@ def _add_task_context(conn: Connection, event: AuditEvent) -> None:
         attrs.setdefault("gen_ai.conversation.id", row.conversation_id)
 
 
-#: The audit_events columns an append writes (the sequence number is the database's).
-_APPEND_COLUMNS = tuple(c.name for c in t.audit_events.c if c.name != "seq")
-
-
-@functools.cache
-def _append_and_move_head() -> Any:
-    """``WITH appended AS (INSERT INTO audit_events ... RETURNING seq) UPDATE audit_head SET
-    seq = (SELECT seq FROM appended), hash = :head_hash`` (PostgreSQL), built once."""
-    e = t.audit_events
-    appended = (
-        insert(e)
-        .values({name: bindparam(f"ev_{name}", type_=e.c[name].type) for name in _APPEND_COLUMNS})
-        .returning(e.c.seq)
-        .cte("appended")
-    )
-    return (
-        update(t.audit_head)
-        .where(t.audit_head.c.id == 1)
-        .values(seq=select(appended.c.seq).scalar_subquery(), hash=bindparam("head_hash"))
-    )
-
-
 def append_audit(conn: Connection, event: AuditEvent) -> str:
     """Append ``event`` to the hash chain inside the caller's transaction; returns its hash.
 
@@ -402,16 +378,11 @@ def append_audit(conn: Connection, event: AuditEvent) -> str:
     head = conn.execute(select(t.audit_head).where(t.audit_head.c.id == 1).with_for_update()).one()
     body = event.body()
     digest = chain_hash(head.hash, body)
-    row = {**body, "prev_hash": head.hash, "hash": digest, "exported": False}
-    if conn.dialect.name == "postgresql":
-        # One round trip instead of two: the event goes in and the head moves in one statement.
-        params = {f"ev_{name}": None for name in _APPEND_COLUMNS}
-        params.update({f"ev_{key}": value for key, value in row.items()})
-        conn.execute(_append_and_move_head(), {**params, "head_hash": digest})
-        return digest
     # Values as execution parameters, not .values(): building a statement with a bound literal per
     # column cost more CPU than the round trip on the hot path; this one is compiled once.
-    result = conn.execute(insert(t.audit_events), row)
+    result = conn.execute(
+        insert(t.audit_events), {**body, "prev_hash": head.hash, "hash": digest, "exported": False}
+    )
     seq = result.inserted_primary_key[0] if result.inserted_primary_key else None
     conn.execute(update(t.audit_head).where(t.audit_head.c.id == 1), {"seq": seq, "hash": digest})
     return digest
