@@ -28,10 +28,12 @@ def all_exported(
     deadline = time.monotonic() + timeout
     while True:
         wait_until(drained, timeout=timeout, what="the audit outbox to drain")
+        # The wire first, then the store: every span on the wire was stored before it was sent,
+        # so a span exported between the two reads is in both (the other order would miss it).
+        wire = Counter(s.span_id for s in list(otlp.spans))
         with store.read() as conn:
             rows = repo.audit_events(conn, limit=1_000_000)
         stored = [e["span_id"] for e in rows]
-        wire = Counter(s.span_id for s in otlp.spans)
         missing = set(stored) - set(wire)
         # Background work (checkpoints, the reaper) may append after the drain: such events are
         # not exported yet, so wait for them; an event marked exported but absent is a loss.
