@@ -86,13 +86,13 @@ KIND = "github_app_token"
 # --- the app JWT --------------------------------------------------------------------------------
 
 
-def app_jwt_claims(issuer: str | int, now: float) -> dict[str, Any]:
+def app_jwt_claims(issuer: str, now: float) -> dict[str, Any]:
     """The claims GitHub documents for an app JWT, issued at ``now``."""
     issued = int(now)
     return {"iat": issued - JWT_SKEW, "exp": issued + JWT_AHEAD, "iss": issuer}
 
 
-def app_jwt(private_key: RSAPrivateKey, issuer: str | int, now: float) -> str:
+def app_jwt(private_key: RSAPrivateKey, issuer: str, now: float) -> str:
     """An RS256 app JWT (``typ: JWT``)."""
     return jwt.encode(app_jwt_claims(issuer, now), private_key, algorithm="RS256")
 
@@ -262,9 +262,9 @@ class GitHubAppBackend:
             verify=settings.verify_tls,
             follow_redirects=False,
         )
-        self.issuer: str | int = (
-            settings.client_id if settings.client_id is not None else int(settings.app_id or 0)
-        )
+        # The client id (GitHub's recommendation) or the App id, as a string: GitHub accepts
+        # either form, and PyJWT (rightly) encodes only string issuers.
+        self.issuer = settings.client_id if settings.client_id is not None else str(settings.app_id)
 
     # --- authentication as the App ---------------------------------------------------------------
 
