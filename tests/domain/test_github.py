@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker.domain import github
-from tests.support.github_contract import NpmUnavailable, OPENAPI_VERSION, description_path
+from tests.support.github_contract import OPENAPI_VERSION, NpmUnavailable, description_path
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -51,7 +51,7 @@ BROKER_PATHS = (
     "/users/{username}/installation",
 )
 #: The one token the static example answers with, and the repository it names.
-EXAMPLE_TOKEN = "ghs_16C7e42F292c6912E7710c838347Ae178B4a"  # noqa: S105  # GitHub's documentation example
+EXAMPLE_TOKEN = "ghs_16C7e42F292c6912E7710c838347Ae178B4a"  # GitHub's documentation example
 EXAMPLE_REPOSITORY = "Hello-World"
 EXAMPLE_REPOSITORY_ID = 1296269
 EXAMPLE_INSTALLATION_ID = 1
@@ -90,7 +90,7 @@ def install_packages() -> Path:
     with (folder / ".install.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not prism.exists() or not (description / "api.github.com.json").exists():
-            done = subprocess.run(  # noqa: S603  # fixed arguments
+            done = subprocess.run(  # fixed arguments
                 [
                     npm,
                     "install",
