@@ -158,7 +158,7 @@ def test_a_user_owner_is_looked_up_under_users(github_api: GitHubStandIn, tmp_pa
     [
         (spec(repositories=["Other-Repo"]), "github_repository_not_in_installation"),
         (spec(repositories=[], repository_ids=[999]), "github_repository_not_in_installation"),
-        (spec(permissions={"administration": "write"}), "github_permission_not_granted"),
+        (spec(permissions={"actions": "write"}), "github_permission_not_granted"),
         (spec(permissions={"issues": "write", "checks": "write"}), None),
     ],
 )
@@ -367,12 +367,10 @@ def test_check_template_reports_permissions_the_installation_lacks(
     the template's maximum goes beyond it."""
     backend = github_backend(github_api.url, tmp_path)
     fine, _ = parse_template(tmp_path / "gh-check.yaml", TEMPLATE.format(extra="issues: write"))
-    wide, _ = parse_template(
-        tmp_path / "gh-check.yaml", TEMPLATE.format(extra="administration: write")
-    )
+    wide, _ = parse_template(tmp_path / "gh-check.yaml", TEMPLATE.format(extra="actions: write"))
     assert fine is not None
     assert wide is not None
     assert backend.check_template(fine.template) == []
     problems = backend.check_template(wide.template)
     assert len(problems) == 1
-    assert "administration" in problems[0]
+    assert "actions" in problems[0]

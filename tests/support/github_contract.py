@@ -17,8 +17,9 @@ both said in docs/backends.md:
    which starts prism in about 2 s instead of 20 s;
 2. three example *answers* (never a schema) are adjusted so that a successful mint is
    possible at all: the installation token's ``expires_at`` (2016 in the description) becomes
-   an hour from now, its ``permissions`` and the example installation's ``permissions`` become
-   those of the "push a branch and open a pull request" scope, and the example installation's
+   an hour from now, its ``permissions`` become those of the "push a branch and open a pull
+   request" scope, the example installation's ``permissions`` hold those and administration
+   (for the two-approver example), and the example installation's
    ``repository_selection`` becomes ``selected`` so the broker's repository check runs.
 """
 
@@ -58,6 +59,7 @@ EXAMPLE_INSTALLATION_ID = 1
 #: What the adjusted examples grant: the token, and the installation it comes from.
 TOKEN_PERMISSIONS = {"contents": "write", "pull_requests": "write", "metadata": "read"}
 INSTALLATION_PERMISSIONS = {
+    "administration": "write",
     "checks": "write",
     "contents": "write",
     "issues": "write",
