@@ -29,6 +29,7 @@ from tests.support.github_contract import (
     EXAMPLE_TOKEN,
     GitHubStandIn,
 )
+from tests.support.services import OpenBao
 
 pytestmark = pytest.mark.integration
 
@@ -374,3 +375,59 @@ def test_check_template_reports_permissions_the_installation_lacks(
     problems = backend.check_template(wide.template)
     assert len(problems) == 1
     assert "actions" in problems[0]
+
+
+def test_the_private_key_can_live_in_openbao(
+    github_api: GitHubStandIn, openbao: OpenBao, tmp_path: Path
+) -> None:
+    """github.private_key_vault: the composition root reads the App's key from OpenBao's KV
+    engine through the Vault backend (hvac stays there), with a token that may read only that
+    secret; GitHub (the stand-in) then accepts requests signed with it. A missing field fails
+    health without naming any key material."""
+    from cryptography.hazmat.primitives import serialization
+
+    from broker.backends.vault import VaultBackend
+    from broker.settings import GitHubAppSettings, Settings, VaultSecretRef
+    from broker.wiring import github_backend as build_github
+
+    _, key = app_key(tmp_path)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    with openbao.client() as root:
+        assert root.post(
+            "/v1/secret/data/github/app", json={"data": {"private_key": pem}}
+        ).is_success
+        policy = 'path "secret/data/github/app" { capabilities = ["read"] }'
+        assert root.put("/v1/sys/policies/acl/github-app-key", json={"policy": policy}).is_success
+        token = root.post(
+            "/v1/auth/token/create", json={"policies": ["github-app-key"], "ttl": "10m"}
+        ).json()["auth"]["client_token"]
+    vault_settings = openbao.vault_settings(token=token)
+    for field, ok in (("private_key", True), ("missing", False)):
+        settings = Settings(
+            dev_mode=True,
+            data_dir=tmp_path / field,
+            vault=vault_settings,
+            github=GitHubAppSettings(
+                app_id=12345,
+                private_key_vault=VaultSecretRef(path="github/app", field=field),
+                api_url=github_api.url,
+                git_url="https://github.example",
+            ),
+        )
+        backend = build_github(settings, VaultBackend(vault_settings))
+        if ok:
+            backend.health()
+            claims = jwt.decode(
+                backend.app_token(),  # type: ignore[attr-defined]
+                key.public_key(),
+                algorithms=["RS256"],
+            )
+            assert claims["iss"] == "12345"
+        else:
+            with pytest.raises(ServiceUnavailable) as refused:
+                backend.health()
+            assert "PRIVATE" not in str(refused.value.internal)

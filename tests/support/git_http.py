@@ -39,7 +39,7 @@ class GitHttpServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002  # stdlib's name
+            def log_message(self, format: str, *args: object) -> None:  # stdlib's name
                 pass
 
             def _credentials(self) -> tuple[str | None, str | None]:
@@ -119,8 +119,8 @@ class GitHttpServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            do_GET = _handle  # noqa: N815  # the stdlib's dispatch names
-            do_POST = _handle  # noqa: N815
+            do_GET = _handle  # the stdlib's dispatch names
+            do_POST = _handle
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
