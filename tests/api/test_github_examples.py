@@ -98,6 +98,15 @@ def test_the_github_examples_decide_mint_and_revoke(
         assert refused.status_code == 503
         assert "wider" in refused.json()["detail"]
         for task, body in minted:
+            (issued,) = [
+                e
+                for e in events(broker, task["id"])
+                if e["name"] == "broker.credential.issue" and e["outcome"] == "success"
+            ]
+            # GitHub's audit log joins on hashed_token: it is on the span and is the handle.
+            assert issued["attributes"]["broker.credential.hashed_token"] == (
+                credential(broker, body["credential_id"]).handle
+            )
             assert people.agent.post(f"/v1/tasks/{task['id']}/complete").status_code == 200
             cred = credential(broker, body["credential_id"])
             assert cred.state.value == "revoked"

@@ -128,3 +128,17 @@ def test_hashed_token_is_what_github_s_audit_log_records() -> None:
         == base64.b64encode(hashlib.sha256(token.encode()).digest()).decode()
     )
     assert len(github.hashed_token(token)) == 44
+
+
+def test_the_audit_scrubber_knows_github_tokens_and_keeps_their_hash() -> None:
+    """A GitHub token is redacted wherever it appears in text; the hashed_token attribute (a
+    one-way hash GitHub's audit log joins on) is kept, not mistaken for a secret by its name."""
+    from broker.domain.scrub import scrub_text, scrub_value
+
+    token = "ghs_16C7e42F292c6912E7710c838347Ae178B4a"
+    assert token not in scrub_text(f"git push https://x-access-token:{token}@github.com/o/r")
+    assert scrub_text(f"GH_TOKEN={token}") != f"GH_TOKEN={token}"
+    hashed = github.hashed_token(token)
+    kept = scrub_value({"broker.credential.hashed_token": hashed, "token": token})
+    assert kept["broker.credential.hashed_token"] == hashed
+    assert kept["token"] != token

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from broker.domain.scope import ScopeTemplate
 from broker.errors import ValidationFailed
@@ -132,7 +133,7 @@ def test_all_repositories_is_a_warning_said_out_loud(tmp_path: Path) -> None:
 def test_the_schema_refuses_malformed_selections(backend: dict[str, Any]) -> None:
     """Exactly one of repositories, repository_ids, all_repositories; at most 500 repositories;
     GitHub's alphabets for owners and names; at least one permission."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError):
         ScopeTemplate.model_validate(with_backend(**backend))
 
 
