@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -87,7 +88,8 @@ def github_backend(
             raise ConfigurationError("github.token_key_file is required outside dev mode")
         key_file = settings.data_dir / "github-token.key"
         if not key_file.exists():
-            TokenSealer.create_file(key_file)
+            with contextlib.suppress(FileExistsError):  # another dev process made it first
+                TokenSealer.create_file(key_file)
     return GitHubAppBackend(
         github, private_key=read_key, sealer=TokenSealer.from_file(key_file), clock=clock
     )

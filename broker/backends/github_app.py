@@ -306,9 +306,9 @@ class GitHubAppBackend:
             "Authorization": f"token {token}" if token else f"Bearer {self.app_token()}",
         }
         with self.http.stream(method, path, headers=headers, json=body, params=params) as resp:
-            data = b""
+            data = bytearray()
             for chunk in resp.iter_bytes():
-                data += chunk
+                data.extend(chunk)
                 if len(data) > MAX_BODY:
                     raise ServiceUnavailable(
                         "GitHub's answer is larger than the broker reads", code="backend_refused"
