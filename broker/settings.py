@@ -250,6 +250,102 @@ class AwsSettings(BaseModel):
     kill_switch_policy: str = Field(default="broker-kill-switch", pattern=r"^[\w+=,.@-]{1,128}$")
 
 
+class VaultSecretRef(BaseModel):
+    """A value in OpenBao/Vault's KV engine, read with the broker's own Vault identity."""
+
+    model_config = {"extra": "forbid"}
+
+    mount: str = Field(default="secret", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    path: str = Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$", max_length=512)
+    field: str = Field(default="private_key", pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    kv_version: Literal[1, 2] = 2
+
+
+def _http_base_url(url: str, what: str) -> str:
+    parts = urlsplit(url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise ValueError(f"{what} must be an http(s) URL without query, fragment or user info")
+    return url.rstrip("/")
+
+
+class GitHubAppSettings(BaseModel):
+    """The broker's GitHub App: who it is, where its private key is, which GitHub it talks to.
+
+    ``api_url`` is ``https://api.github.com`` or a GitHub Enterprise Server's
+    ``https://HOST/api/v3``; ``git_url`` (where git clones over HTTPS) defaults to
+    ``https://github.com`` or ``https://HOST``. See docs/backends.md.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    #: The App's numeric id or its client id (GitHub recommends the client id); one of them.
+    app_id: int | None = Field(default=None, ge=1)
+    client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    #: The App's private key (PEM): a file, or a field of a KV secret in OpenBao/Vault.
+    private_key_file: Path | None = None
+    private_key_vault: VaultSecretRef | None = None
+    api_url: str = "https://api.github.com"
+    git_url: str | None = None
+    #: A 32-byte key (base64) sealing minted tokens at rest so any replica can revoke them
+    #: (``DELETE /installation/token`` needs the token itself); never stored in the database.
+    token_key_file: Path | None = None
+    timeout: float = Field(default=10.0, gt=0, le=60)
+    #: How long an installation (id, permissions, repositories) is remembered, in seconds.
+    cache_seconds: float = Field(default=60.0, ge=0, le=3600)
+    verify_tls: bool = True
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, url: str) -> str:
+        return _http_base_url(url, "github.api_url")
+
+    @field_validator("git_url")
+    @classmethod
+    def _git_url(cls, url: str | None) -> str | None:
+        return None if url is None else _http_base_url(url, "github.git_url")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> GitHubAppSettings:
+        if (self.app_id is None) == (self.client_id is None):
+            raise ValueError("github: give exactly one of app_id and client_id")
+        if (self.private_key_file is None) == (self.private_key_vault is None):
+            raise ValueError("github: give exactly one of private_key_file and private_key_vault")
+        if self.git_url is None and self.effective_git_url is None:
+            raise ValueError(
+                "github: set git_url (api_url is neither api.github.com nor .../api/v3)"
+            )
+        return self
+
+    @property
+    def effective_git_url(self) -> str | None:
+        """Where git reaches repositories over HTTPS."""
+        if self.git_url is not None:
+            return self.git_url
+        if self.api_url == "https://api.github.com":
+            return "https://github.com"
+        if self.api_url.endswith("/api/v3"):
+            return self.api_url.removesuffix("/api/v3")
+        return None
+
+    def production_problems(self) -> list[str]:
+        """What only a developer's machine may get away with."""
+        problems = []
+        for what, url in (("api_url", self.api_url), ("git_url", self.effective_git_url or "")):
+            if urlsplit(url).scheme != "https" and not is_loopback_url(url):
+                problems.append(f"github.{what} does not use https")
+        if self.token_key_file is None:
+            problems.append("github.token_key_file is not set (tokens could not be revoked)")
+        if not self.verify_tls:
+            problems.append("github.verify_tls is off")
+        return problems
+
+
 class OtlpSettings(BaseModel):
     """Where audit spans are exported."""
 
@@ -465,6 +561,7 @@ class Settings(BaseSettings):
 
     vault: VaultSettings | None = None
     aws: AwsSettings | None = None
+    github: GitHubAppSettings | None = None
     otlp: OtlpSettings = Field(default_factory=OtlpSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
@@ -562,6 +659,8 @@ class Settings(BaseSettings):
         for hook in self.webhooks:
             if urlsplit(hook.url).scheme != "https" and not is_loopback_url(hook.url):
                 problems.append(f"webhook {hook.name!r} does not use https")
+        if self.github is not None:
+            problems.extend(self.github.production_problems())
         if problems:
             raise ValueError(
                 "refusing insecure configuration outside dev mode: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import httpx
 
 from broker.audit.uses import UseRecorder
 from broker.backends.base import Backend
-from broker.errors import BrokerError, ServiceUnavailable
+from broker.errors import BrokerError, ConfigurationError, ServiceUnavailable
 from broker.keyring import KeyRing, PublishedKeys
 from broker.oidc.verifier import TokenVerifier
 from broker.scopes.loader import ScopeCatalog
@@ -50,11 +51,48 @@ def default_backends(
         backends["aws_sts"] = AwsStsBackend(
             settings.aws, cluster=settings.cluster_name, clock=clock
         )
+    if settings.github is not None:
+        backends["github"] = github_backend(settings, backends.get("vault"), clock=clock)
     if keyring is not None:
         from broker.backends.broker_jwt import BrokerJwtBackend
 
         backends["broker_jwt"] = BrokerJwtBackend(keyring, settings.public_url, clock=clock)
     return backends
+
+
+def github_backend(
+    settings: Settings, vault: Backend | None, *, clock: Callable[[], float] = time.time
+) -> Backend:
+    """The GitHub App backend: its private key from a file or OpenBao KV (read through the
+    Vault backend, so hvac stays there), its token-sealing key from a file (made in dev mode)."""
+    from broker.backends.github_app import GitHubAppBackend, TokenSealer, key_reader
+
+    github = settings.github
+    assert github is not None
+    read_key = key_reader(github)
+    ref = github.private_key_vault
+    if ref is not None:
+        from broker.backends.vault import VaultBackend
+
+        if not isinstance(vault, VaultBackend):
+            raise ConfigurationError("github.private_key_vault needs the vault settings")
+        store = vault
+
+        def read_key() -> str:
+            return store.read_kv(ref.mount, ref.path, ref.field, version=ref.kv_version)
+
+    assert read_key is not None
+    key_file = github.token_key_file
+    if key_file is None:
+        if not settings.dev_mode:
+            raise ConfigurationError("github.token_key_file is required outside dev mode")
+        key_file = settings.data_dir / "github-token.key"
+        if not key_file.exists():
+            with contextlib.suppress(FileExistsError):  # another dev process made it first
+                TokenSealer.create_file(key_file)
+    return GitHubAppBackend(
+        github, private_key=read_key, sealer=TokenSealer.from_file(key_file), clock=clock
+    )
 
 
 def build_keyring(settings: Settings, db: Database, clock: Callable[[], float]) -> KeyRing:

@@ -11,6 +11,7 @@ import pytest
 
 from broker.settings import Settings
 from broker.store.migrate import upgrade
+from tests.support.github_contract import GitHubStandIn, NpmUnavailable, github_stand_in
 from tests.support.issuer import TestIssuer
 from tests.support.otlp import OtlpReceiver
 from tests.support.services import (
@@ -56,6 +57,19 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     server = start_test_moto(tmp_path_factory.mktemp("moto"))
     yield server
     server.process.stop()
+
+
+@pytest.fixture(scope="session")
+def github_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitHubStandIn]:
+    """GitHub's API as its published OpenAPI description says it (prism validating every
+    request); the npm packages are installed into a cache folder on first use."""
+    try:
+        with github_stand_in(tmp_path_factory.mktemp("github")) as stand_in:
+            yield stand_in
+    except NpmUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the GitHub contract stand-in is required in CI: {exc}")
+        pytest.skip(f"the GitHub contract stand-in is unavailable: {exc}")
 
 
 @pytest.fixture(scope="session")

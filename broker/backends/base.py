@@ -13,7 +13,8 @@ and one pure check (``plan``) that runs before anything is recorded:
    :class:`MintOutcomeUnknown`, and the broker treats the intent as something to revoke.
 3. ``revoke(ref)`` is idempotent: revoking what is already gone succeeds. ``ref.handle`` may be
    ``None`` for a mint whose outcome is unknown; the backend then finds what it made from the
-   metadata in ``ref.details`` (or says it cannot).
+   metadata in ``ref.details`` (or says it cannot). A backend that can tell the credential
+   has expired by itself raises :class:`CredentialExpired`, and the record says ``expired``.
 4. ``health()`` raises ``ServiceUnavailable`` unless the backend answers; ``describe()`` returns
    non-secret facts for operators.
 
@@ -40,6 +41,7 @@ CAPABILITIES: dict[str, frozenset[str]] = {
     "vault_database": frozenset({"revoke", "inventory"}),
     "aws_sts": frozenset({"deny_list", "session_policy"}),
     "broker_jwt": frozenset({"introspection"}),
+    "github_app": frozenset({"revoke"}),
 }
 
 
@@ -74,6 +76,11 @@ class Minted:
     secret: dict[str, str] = field(repr=False)
     env: dict[str, str] = field(repr=False)
     details: dict[str, Any] = field(default_factory=dict)
+    #: What the backend needs later to revoke a credential it cannot revoke by a handle alone
+    #: (GitHub deletes a token only when shown the token), sealed by the backend under a key
+    #: that is never in the store. The broker keeps it with the record until the credential is
+    #: revoked or expired, and hands it back in :attr:`RevokeRef.sealed`.
+    sealed: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,8 @@ class RevokeRef:
     details: dict[str, Any] = field(default_factory=dict)
     #: The latest moment the credential can be valid (its expiry, or the planned maximum).
     expires_at: float | None = None
+    #: The backend's sealed revocation material (:attr:`Minted.sealed`), when it gave one.
+    sealed: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +116,14 @@ class MintOutcomeUnknown(ServiceUnavailable):
 
     code = "backend_outcome_unknown"
     title = "The backend did not answer in time; nothing was issued"
+
+
+class CredentialExpired(ServiceUnavailable):
+    """Nothing to revoke: the backend's own expiry has passed, so the credential is ``expired``
+    (never reported as ``revoked``: nobody took it back)."""
+
+    code = "credential_expired"
+    title = "The credential has expired at the backend"
 
 
 @runtime_checkable

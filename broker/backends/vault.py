@@ -391,6 +391,26 @@ class VaultBackend:
     def maintain(self) -> None:
         self.auth.maintain()
 
+    def read_kv(self, mount: str, path: str, field: str, *, version: int = 2) -> str:
+        """One field of a KV secret, read with the broker's own identity (another backend's key,
+        such as the GitHub App's private key). Errors never carry the value."""
+        where = f"{quote(mount, safe='')}/{'data/' if version == 2 else ''}{quote(path, safe='/')}"
+        try:
+            body = self.client.adapter.get(f"/v1/{where}")
+        except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
+            raise _unavailable(exc, "OpenBao/Vault did not return the secret") from None
+        data = (body or {}).get("data") or {}
+        if version == 2:
+            data = data.get("data") or {}
+        value = data.get(field)
+        if not isinstance(value, str) or not value:
+            raise ServiceUnavailable(
+                "the secret in OpenBao/Vault has no such field",
+                code="backend_unavailable",
+                internal=f"{mount}/{path} has no string field {field!r}",
+            )
+        return value
+
     def inventory(self, cluster: str) -> Iterator[BackendObject]:
         """Every token carrying this cluster's metadata (needs ``list`` + ``sudo`` on
         ``auth/token/accessors``); one lookup per token, so it runs at the orphan interval."""

@@ -52,6 +52,7 @@ from broker.client.errors import format_duration
 from broker.client.models import describe_approval, scope_parameters
 from broker.client.process import child_env, new_span_id, recorded_command, run
 from broker.client.signals import guard
+from broker.git_credential import agent_for
 
 EXIT_OTHER = 1
 EXIT_USAGE = 2
@@ -538,8 +539,12 @@ def exec_(
 
 def _run_with(client: BrokerClient, grant: Grant, command: list[str], *, quiet: bool) -> int:
     span_id = new_span_id()
-    env = child_env(grant.credential, grant.task, span_id)
-    result = run(command, env, span_id=span_id)
+    base = child_env(grant.credential, grant.task, span_id)
+    # A credential git may present (a GitHub token): git asks this process for it through
+    # `broker git-credential`; nothing is written to disk.
+    with agent_for(grant.credential.secret, grant.credential.details, base) as (env, agent):
+        result = run(command, env, span_id=span_id)
+    uses = list(agent.uses) if agent is not None else []
     if result.exit_code == 127 and result.ended_at - result.started_at < 1 and result.stderr:
         typer.echo(f"error: {command[0]}: command {result.stderr}", err=True)
     try:
@@ -553,6 +558,7 @@ def _run_with(client: BrokerClient, grant: Grant, command: list[str], *, quiet: 
             credential_id=grant.credential.id,
             span_id=span_id,
             via="cli",
+            uses=[{"source": "git_credential", **use} for use in uses] or None,
         )
     except BrokerClientError as exc:
         # The run happened either way; losing its record must not hide its exit status.
@@ -763,6 +769,22 @@ def complete(
         typer.echo(json.dumps(results))
 
 
+# --- git-credential --------------------------------------------------------------------------
+
+
+def git_credential(
+    operation: Annotated[str, typer.Argument(help="get, store or erase (git passes it).")],
+) -> None:
+    """git's credential helper for the task's token under `broker exec` (never writes it to disk).
+
+    `broker exec` installs it for the credential's git URL through GIT_CONFIG_* variables; you
+    do not configure it yourself. See docs/agents.md.
+    """
+    from broker.git_credential import ask
+
+    raise typer.Exit(ask(operation, sys.stdin, sys.stdout, sys.stderr))
+
+
 # --- mcp -----------------------------------------------------------------------------------
 
 
@@ -803,4 +825,5 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("complete")(complete)
     app.command("mcp")(mcp)
+    app.command("git-credential")(git_credential)
     app.add_typer(tasks_app, name="tasks")

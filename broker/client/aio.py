@@ -339,6 +339,7 @@ class AsyncBrokerClient:
         credential_id: str | None = None,
         span_id: str | None = None,
         via: str = "sdk",
+        uses: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "command": command,
@@ -351,6 +352,8 @@ class AsyncBrokerClient:
         }
         if credential_id:
             body["credential_id"] = credential_id
+        if uses:
+            body["uses"] = uses[:100]  # e.g. the git credential helper's requests
         resp = await self._call(
             "POST", f"/v1/tasks/{_id(task_id)}/exec", json=body, idempotent=True
         )

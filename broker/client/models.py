@@ -27,6 +27,7 @@ NON_SECRET_ENV = frozenset(
         "AWS_DEFAULT_REGION",
         "AWS_ENDPOINT_URL",
         "AWS_ENDPOINT_URL_STS",
+        "GH_HOST",
     }
 )
 

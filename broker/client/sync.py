@@ -365,6 +365,7 @@ class BrokerClient:
         credential_id: str | None = None,
         span_id: str | None = None,
         via: str = "sdk",
+        uses: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Record that a process ran with the task's credential (the broker audits it as a span)."""
         body: dict[str, Any] = {
@@ -378,6 +379,8 @@ class BrokerClient:
         }
         if credential_id:
             body["credential_id"] = credential_id
+        if uses:
+            body["uses"] = uses[:100]  # e.g. the git credential helper's requests
         resp = self._call("POST", f"/v1/tasks/{_id(task_id)}/exec", json=body, idempotent=True)
         out: dict[str, Any] = resp.json()
         return out

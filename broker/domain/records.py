@@ -94,3 +94,6 @@ class Credential:
     last_error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
+    #: A backend's sealed revocation material (``Minted.sealed``): ciphertext under a key that
+    #: is not in the store; cleared once the credential is revoked or expired.
+    sealed: str | None = field(default=None, repr=False)

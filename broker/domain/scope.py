@@ -8,7 +8,9 @@ inside the braces allowed), and only in the fields that document it:
 - ``vault_token.policies[*]`` and ``vault_database.role``: a Vault name (``[A-Za-z0-9_.-]``);
 - string values inside ``aws_sts.session_policy`` (never keys, ``Effect``, ``Version`` or ``Sid``)
   and ``aws_sts.tags`` values;
-- string values inside ``broker_jwt.claims``.
+- string values inside ``broker_jwt.claims``;
+- ``github_app.owner``, ``github_app.repositories[*]`` (GitHub's login and name alphabets) and
+  the *levels* of ``github_app.permissions`` (never their names).
 
 Substitution happens in :mod:`broker.scopes.render` on the parsed data, never on serialised JSON,
 and the result must stay within the backend's declared ``maximum``.
@@ -257,11 +259,76 @@ class BrokerJwtBackend(BaseModel):
     claims: dict[str, Any] = Field(default_factory=dict)
 
 
+_PARAM = r"\{\{\s*params\.[a-z][a-z0-9_]{0,63}\s*\}\}"
+_GITHUB_OWNER = rf"^(?:[A-Za-z0-9-]|{_PARAM}){{1,256}}$"
+_GITHUB_REPOSITORY = rf"^(?:[A-Za-z0-9._-]|{_PARAM}){{1,256}}$"
+_GITHUB_LEVEL = rf"^(?:read|write|admin|{_PARAM})$"
+_GITHUB_PERMISSION = r"^[a-z][a-z0-9_]{0,63}$"
+GitHubLevel = Literal["read", "write", "admin"]
+
+
+class GitHubAppMaximum(BaseModel):
+    """The widest a rendered ``github_app`` request may be.
+
+    ``owners`` and ``repositories`` are globs (``*``, ``?``) matched case-insensitively, as
+    GitHub compares logins and names; ``permissions`` caps each permission's level.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    owners: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9*?-]{1,39}$")]] | None = Field(
+        default=None, min_length=1
+    )
+    repositories: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._*?-]{1,100}$")]] | None = Field(
+        default=None, min_length=1
+    )
+    permissions: dict[Annotated[str, Field(pattern=_GITHUB_PERMISSION)], GitHubLevel] | None = (
+        Field(default=None, min_length=1)
+    )
+
+
+class GitHubAppBackend(BaseModel):
+    """A GitHub App installation token narrowed to named repositories and permissions.
+
+    ``owner`` (an organisation or user login) names the installation; ``repositories`` (names
+    in that owner) or ``repository_ids`` narrow the token, or ``all_repositories: true`` says
+    on purpose that it covers every repository the installation can reach (org-level work).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["github_app"]
+    owner: str = Field(pattern=_GITHUB_OWNER)
+    owner_type: Literal["organization", "user"] = "organization"
+    repositories: list[Annotated[str, Field(pattern=_GITHUB_REPOSITORY)]] = Field(
+        default_factory=list, max_length=500
+    )
+    repository_ids: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=500)
+    all_repositories: bool = False
+    permissions: dict[
+        Annotated[str, Field(pattern=_GITHUB_PERMISSION)],
+        Annotated[str, Field(pattern=_GITHUB_LEVEL)],
+    ] = Field(min_length=1, max_length=100)
+    maximum: GitHubAppMaximum | None = None
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> GitHubAppBackend:
+        chosen = [bool(self.repositories), bool(self.repository_ids), self.all_repositories]
+        if sum(chosen) != 1:
+            raise ValueError(
+                "name the token's repositories: exactly one of repositories, repository_ids "
+                "or all_repositories: true"
+            )
+        return self
+
+
 BackendSpec = Annotated[
-    VaultTokenBackend | VaultDatabaseBackend | AwsStsBackend | BrokerJwtBackend,
+    VaultTokenBackend | VaultDatabaseBackend | AwsStsBackend | BrokerJwtBackend | GitHubAppBackend,
     Field(discriminator="type"),
 ]
-AnyBackend = VaultTokenBackend | VaultDatabaseBackend | AwsStsBackend | BrokerJwtBackend
+AnyBackend = (
+    VaultTokenBackend | VaultDatabaseBackend | AwsStsBackend | BrokerJwtBackend | GitHubAppBackend
+)
 
 
 class TtlRule(BaseModel):

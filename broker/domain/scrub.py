@@ -4,7 +4,7 @@ The broker never means to log or record a secret; this is the net under that rul
 every audit event before it is hashed and stored, again on every exported span, and on every log
 line (``broker.logs``). It recognises secrets two ways:
 
-* by **shape**: JWTs, the broker's own session tokens, OpenBao/Vault tokens, AWS session tokens,
+* by **shape**: JWTs, the broker's own session tokens, OpenBao/Vault tokens, GitHub tokens, AWS session tokens,
   PEM private keys, passwords in URLs, ``Authorization: Bearer ...`` values and ``key=value``
   pairs whose key names a secret;
 * by **name**: in mappings, any value under a key that names a secret (``password``,
@@ -52,6 +52,13 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str], str], ...] = (
         "vault_token",
         re.compile(r"(?<![\w.])(?:hv[sbr]|[sbr])\.[A-Za-z0-9_-]{20,}"),
         "[REDACTED:vault_token]",
+    ),
+    (
+        # GitHub tokens: installation (ghs_), user-to-server (ghu_), OAuth (gho_), personal
+        # (ghp_, github_pat_), refresh (ghr_).
+        "github_token",
+        re.compile(r"\b(?:gh[psuor]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
+        "[REDACTED:github_token]",
     ),
     (
         # STS session tokens start with these base64 prefixes (real AWS and moto alike).
@@ -133,11 +140,17 @@ _SECRET_SUFFIXES = (
 _HARMLESS_SUFFIXES = ("_sha256", "_hash", "_type", "_ttl", "_id", "_count", "_prefix", "_accessor")
 
 
+#: Keys that look like secret names but hold a one-way hash (GitHub's audit log field).
+_HARMLESS_KEYS = frozenset({"hashed_token"})
+
+
 def is_secret_key(key: str) -> bool:
     """True when a value stored under ``key`` must never be kept, whatever it looks like."""
     last = key.rsplit(".", 1)[-1].lower().replace("-", "_")
     if last in SECRET_KEYS:
         return True
+    if last in _HARMLESS_KEYS:
+        return False
     if last.endswith(_HARMLESS_SUFFIXES):
         return False
     return last.endswith(_SECRET_SUFFIXES)

@@ -34,6 +34,7 @@ from broker.client import (
     Task,
 )
 from broker.client.process import child_env, new_span_id, recorded_command, redact, run
+from broker.git_credential import agent_for
 
 log = logging.getLogger("broker.mcp")
 
@@ -194,19 +195,22 @@ class BrokerTools:
             raise ToolError("invalid_request: command is an argv list, e.g. ['env']")
         held, credential = await self._credential(task_id)
         span_id = new_span_id()
-        env = child_env(credential, held.task, span_id)
+        base = child_env(credential, held.task, span_id)
         timeout = max(1.0, min(float(timeout_seconds), MAX_RUN_SECONDS))
-        result = await anyio.to_thread.run_sync(
-            lambda: run(
-                command,
-                env,
-                span_id=span_id,
-                cwd=cwd,
-                capture=True,
-                timeout=timeout,
-                max_output=MAX_OUTPUT,
+        # As under `broker exec`: git gets the token through `broker git-credential`.
+        with agent_for(credential.secret, credential.details, base) as (env, agent):
+            result = await anyio.to_thread.run_sync(
+                lambda: run(
+                    command,
+                    env,
+                    span_id=span_id,
+                    cwd=cwd,
+                    capture=True,
+                    timeout=timeout,
+                    max_output=MAX_OUTPUT,
+                )
             )
-        )
+        uses = [{"source": "git_credential", **use} for use in agent.uses] if agent else []
         held.runs += 1
         hidden = credential.secret_values()
         recorded = True
@@ -221,6 +225,7 @@ class BrokerTools:
                 credential_id=credential.id,
                 span_id=span_id,
                 via="mcp",
+                uses=uses or None,
             )
         except BrokerClientError as exc:
             log.warning("run of task %s not recorded: %s", task_id, exc.detail)

@@ -14,7 +14,9 @@ The rules, each with a stable ``rule`` id (documented in ``docs/scopes.md``):
   no declared maximum, fixed settings outside it, or a maximum that bounds nothing;
 - ``policy-shape`` / ``policy-size``: a session policy STS would reject or that would widen;
 - ``forbidden-policy``, ``reserved-claim``, ``default-invalid``, ``param-unused``,
-  ``param-unconstrained``, ``requester-open``.
+  ``param-unconstrained``, ``requester-open``;
+- ``github-permission``: a GitHub permission name or level GitHub's published schema does not
+  have; ``github-all-repositories``: a token covering every repository of the installation.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from broker.domain import github
 from broker.domain.scope import (
     PLACEHOLDER,
     RESERVED_JWT_CLAIMS,
@@ -29,6 +32,7 @@ from broker.domain.scope import (
     STS_POLICY_MAX_CHARS,
     AwsStsBackend,
     BrokerJwtBackend,
+    GitHubAppBackend,
     ParamType,
     ScopeTemplate,
     VaultDatabaseBackend,
@@ -290,6 +294,127 @@ def _check_jwt(t: ScopeTemplate, spec: BrokerJwtBackend, used: set[str]) -> list
     return out
 
 
+def _github_maximum_findings(spec: GitHubAppBackend) -> list[Finding]:
+    out: list[Finding] = []
+    maximum = spec.maximum
+    if maximum is None:
+        return out
+    for field in ("owners", "repositories"):
+        for i, m in enumerate(getattr(maximum, field) or []):
+            if m.strip("*") == "":
+                out.append(
+                    Finding(
+                        ("backend", "maximum", field, i),
+                        "maximum-unbounded",
+                        f"{m!r} bounds nothing",
+                        "warning",
+                    )
+                )
+    for name, level in (maximum.permissions or {}).items():
+        for problem in github.permission_catalog().problems({name: level}):
+            out.append(
+                Finding(("backend", "maximum", "permissions", name), "github-permission", problem)
+            )
+    return out
+
+
+def _check_github(t: ScopeTemplate, spec: GitHubAppBackend, used: set[str]) -> list[Finding]:  # noqa: PLR0912  # one branch per documented rule
+    out: list[Finding] = []
+    maximum = spec.maximum
+    if t.ttl.max > github.TOKEN_LIFETIME:
+        out.append(
+            Finding(
+                ("ttl", "max"),
+                "ttl-unenforceable",
+                f"GitHub installation tokens last {github.TOKEN_LIFETIME} s; a task cannot outlive its token",
+            )
+        )
+    owner_loc: Loc = ("backend", "owner")
+    out.extend(_placeholder_findings(t, spec.owner, owner_loc, used))
+    owners = maximum.owners if maximum is not None else None
+    if PLACEHOLDER.search(spec.owner):
+        if owners is None:
+            out.append(
+                Finding(
+                    owner_loc,
+                    "maximum-missing",
+                    "a parameterised owner needs backend.maximum.owners",
+                )
+            )
+    elif owners is not None and not any(
+        glob_covers(m, spec.owner, ignore_case=True) for m in owners
+    ):
+        out.append(
+            Finding(
+                owner_loc, "maximum-exceeded", f"owner {spec.owner!r} is outside backend.maximum"
+            )
+        )
+    repos = maximum.repositories if maximum is not None else None
+    for i, repo in enumerate(spec.repositories):
+        loc: Loc = ("backend", "repositories", i)
+        out.extend(_placeholder_findings(t, repo, loc, used))
+        if PLACEHOLDER.search(repo):
+            if repos is None:
+                out.append(
+                    Finding(
+                        loc,
+                        "maximum-missing",
+                        "a parameterised repository needs backend.maximum.repositories",
+                    )
+                )
+        elif repos is not None and not any(glob_covers(m, repo, ignore_case=True) for m in repos):
+            out.append(
+                Finding(loc, "maximum-exceeded", f"repository {repo!r} is outside backend.maximum")
+            )
+    if spec.all_repositories:
+        if repos is not None:
+            out.append(
+                Finding(
+                    ("backend", "all_repositories"),
+                    "maximum-exceeded",
+                    "all_repositories reaches beyond backend.maximum.repositories",
+                )
+            )
+        else:
+            out.append(
+                Finding(
+                    ("backend", "all_repositories"),
+                    "github-all-repositories",
+                    "the token reaches every repository the installation can; name repositories where you can",
+                    "warning",
+                )
+            )
+    caps = maximum.permissions if maximum is not None else None
+    for name, level in spec.permissions.items():
+        loc = ("backend", "permissions", name)
+        out.extend(_placeholder_findings(t, level, loc, used))
+        if name not in github.permission_catalog().levels:
+            out.append(
+                Finding(loc, "github-permission", f"{name!r} is not a GitHub App permission")
+            )
+            continue
+        if PLACEHOLDER.search(level):
+            if caps is None or name not in caps:
+                out.append(
+                    Finding(
+                        loc,
+                        "maximum-missing",
+                        "a parameterised permission level needs backend.maximum.permissions to cap it",
+                    )
+                )
+            continue
+        for problem in github.permission_catalog().problems({name: level}):
+            out.append(Finding(loc, "github-permission", problem))
+        if caps is not None and github.exceeding({name: level}, caps):
+            out.append(
+                Finding(
+                    loc, "maximum-exceeded", f"{name}: {level} is above backend.maximum.permissions"
+                )
+            )
+    out.extend(_github_maximum_findings(spec))
+    return out
+
+
 def check_template(template: ScopeTemplate) -> list[Finding]:  # noqa: PLR0912  # one branch per documented rule
     """Every semantic finding for one (schema-valid) template."""
     out: list[Finding] = []
@@ -309,6 +434,8 @@ def check_template(template: ScopeTemplate) -> list[Finding]:  # noqa: PLR0912  
         out.extend(_check_vault_database(template, spec, used))
     elif isinstance(spec, AwsStsBackend):
         out.extend(_check_aws(template, spec, used))
+    elif isinstance(spec, GitHubAppBackend):
+        out.extend(_check_github(template, spec, used))
     else:
         out.extend(_check_jwt(template, spec, used))
 

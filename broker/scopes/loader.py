@@ -184,7 +184,7 @@ def parse_template(  # noqa: PLR0911  # each early return is one kind of refusal
     return LoadedTemplate(template, path, content_hash(template), tuple(problems)), problems
 
 
-_UNION_TAGS = {"vault_token", "vault_database", "aws_sts", "broker_jwt"}
+_UNION_TAGS = {"vault_token", "vault_database", "aws_sts", "broker_jwt", "github_app"}
 
 
 def template_files(folder: Path) -> list[Path]:

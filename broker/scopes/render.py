@@ -10,7 +10,9 @@
    ``[A-Za-z0-9_.-]``; an IAM policy value takes no glob, ``$``, quote, comma, space or brace);
 4. checks the result: Vault names well-formed and never ``root``; the session policy's shape
    (no ``NotAction``/``NotResource``/``Principal`` in an ``Allow``) and size (2,048 characters);
-   and every policy, role, action and resource covered by the backend's declared ``maximum``.
+   GitHub permission names and levels against GitHub's published schema, at most 500
+   repositories; and every policy, role, action, resource, owner, repository and permission
+   level covered by the backend's declared ``maximum``.
 
 Anything else is refused with ``ValidationFailed`` (422), before approval and again before minting.
 """
@@ -23,6 +25,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from broker.domain import github
 from broker.domain.scope import (
     PLACEHOLDER,
     RESERVED_JWT_CLAIMS,
@@ -31,6 +34,7 @@ from broker.domain.scope import (
     AwsPolicyMaximum,
     AwsStsBackend,
     BrokerJwtBackend,
+    GitHubAppBackend,
     ScopeTemplate,
     VaultDatabaseBackend,
     VaultTokenBackend,
@@ -250,6 +254,62 @@ def _render_jwt(spec: BrokerJwtBackend, values: Mapping[str, Any]) -> BrokerJwtB
     return spec.model_copy(update={"claims": claims})
 
 
+def check_github_permissions(permissions: Mapping[str, str]) -> None:
+    """Names and levels as GitHub's published schema has them (refused before any call)."""
+    problems = github.permission_catalog().problems(permissions)
+    if problems:
+        raise _refuse(
+            "GitHub does not accept these permissions: " + "; ".join(problems[:5]),
+            code="github_permission_invalid",
+        )
+
+
+def _render_github(spec: GitHubAppBackend, values: Mapping[str, Any]) -> GitHubAppBackend:
+    maximum = spec.maximum
+    owner = substitute(spec.owner, values, allowed=github.owner_ok, where="the owner")
+    if not github.owner_ok(owner):
+        raise _refuse(f"the rendered owner {owner!r} is not a GitHub login")
+    owners = maximum.owners if maximum is not None else None
+    if owners is not None and not any(glob_covers(m, owner, ignore_case=True) for m in owners):
+        raise _refuse(
+            f"owner {owner!r} is outside what the scope allows", code="scope_maximum_exceeded"
+        )
+    allowed = maximum.repositories if maximum is not None else None
+    repositories: list[str] = []
+    for i, raw in enumerate(spec.repositories):
+        name = substitute(raw, values, allowed=github.repository_ok, where=f"repository {i}")
+        if not github.repository_ok(name):
+            raise _refuse(f"the rendered repository {name!r} is not a GitHub repository name")
+        if allowed is not None and not any(glob_covers(m, name, ignore_case=True) for m in allowed):
+            raise _refuse(
+                f"repository {name!r} is outside what the scope allows",
+                code="scope_maximum_exceeded",
+            )
+        if name.lower() not in (r.lower() for r in repositories):
+            repositories.append(name)
+    if len(repositories) > github.MAX_REPOSITORIES:
+        raise _refuse(
+            f"a GitHub token names at most {github.MAX_REPOSITORIES} repositories",
+            code="github_too_many_repositories",
+        )
+    permissions: dict[str, str] = {}
+    for name, raw in spec.permissions.items():
+        permissions[name] = substitute(
+            raw, values, allowed=lambda v: v in github.LEVELS, where=f"permission {name}"
+        )
+    check_github_permissions(permissions)
+    if maximum is not None and maximum.permissions is not None:
+        over = github.exceeding(permissions, maximum.permissions)
+        if over:
+            raise _refuse(
+                f"permissions {', '.join(over)} are above what the scope allows",
+                code="scope_maximum_exceeded",
+            )
+    return spec.model_copy(
+        update={"owner": owner, "repositories": repositories, "permissions": permissions}
+    )
+
+
 def render_backend(template: ScopeTemplate, params: Mapping[str, Any]) -> AnyBackend:
     """The template's backend settings with ``params`` substituted, checked against its maximum.
 
@@ -264,4 +324,6 @@ def render_backend(template: ScopeTemplate, params: Mapping[str, Any]) -> AnyBac
         return _render_vault_database(spec, values)
     if isinstance(spec, AwsStsBackend):
         return _render_aws(spec, values)
+    if isinstance(spec, GitHubAppBackend):
+        return _render_github(spec, values)
     return _render_jwt(spec, values)

@@ -44,6 +44,7 @@ BACKEND_FOR_TYPE = {
     "vault_database": "vault",
     "aws_sts": "aws_sts",
     "broker_jwt": "broker_jwt",
+    "github_app": "github",
 }
 #: Credential details worth copying onto the issuance span (never a secret).
 _SPAN_DETAILS = (
@@ -59,6 +60,8 @@ _SPAN_DETAILS = (
     "packed_policy_size",
     "audience",
     "kid",
+    "installation_id",
+    "hashed_token",
 )
 #: Slack added to an intent's expiry bound (the backend's clock, the call's duration).
 INTENT_SLACK = 60.0
@@ -319,13 +322,16 @@ class CredentialService:
                     issued_at=issued_at,
                     expires_at=minted.expires_at,
                     details=details,
+                    sealed=minted.sealed,
                 ) or not repo.update_task(
                     conn,
                     task.id,
                     expect=TaskState.APPROVED,
                     state=TaskState.ACTIVE,
                     updated_at=issued_at,
-                    ends_at=minted.expires_at,
+                    # A credential the backend cannot shorten (a GitHub token lives an hour)
+                    # still ends with the task's TTL: the reaper revokes it then.
+                    ends_at=min(minted.expires_at, started + request.ttl),
                 ):
                     raise _TaskEnded
                 record(
@@ -381,7 +387,13 @@ class CredentialService:
         self, task: Task, cred: Credential, minted: Minted, details: dict[str, Any], *, reason: str
     ) -> None:
         """Revoke what was minted but not recorded; if that fails too, the reaper will."""
-        made = replace(cred, handle=minted.handle, expires_at=minted.expires_at, details=details)
+        made = replace(
+            cred,
+            handle=minted.handle,
+            expires_at=minted.expires_at,
+            details=details,
+            sealed=minted.sealed,
+        )
         try:
             self.revoker.revoke(task, made, reason=reason)
         except BrokerError:

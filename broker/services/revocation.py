@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from broker.backends.base import Backend, RevokeRef
+from broker.backends.base import Backend, CredentialExpired, RevokeRef
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_trace_id
 from broker.domain.principal import Principal
 from broker.domain.records import Credential, Task
@@ -61,6 +61,7 @@ def revoke_ref(cred: Credential) -> RevokeRef:
         handle=cred.handle,
         details=dict(cred.details),
         expires_at=float(upper) if upper is not None else None,
+        sealed=cred.sealed,
     )
 
 
@@ -102,6 +103,8 @@ class Revoker:
         error: BrokerError | None = None
         try:
             self._take_back(cred, reason=reason, actor=actor)
+        except CredentialExpired:
+            return self._expired(task, cred, reason=reason)
         except BrokerError as exc:
             error = exc
             log.warning("revocation of %s failed: %s", cred.id, exc.code)
@@ -155,6 +158,7 @@ class Revoker:
                     revoke_attempts=attempts,
                     last_error=None,
                     next_attempt_at=None,
+                    sealed=None,
                 )
             else:
                 repo.update_credential(
@@ -193,6 +197,48 @@ class Revoker:
                     actor_issuer=actor.issuer if actor else None,
                     actor_subject=actor.subject if actor else None,
                     attributes=attributes,
+                ),
+            )
+            updated = repo.get_credential(conn, cred.id)
+        assert updated is not None
+        return updated
+
+    def _expired(self, task: Task | None, cred: Credential, *, reason: str) -> Credential:
+        """The backend says the credential expired by itself: record ``expired``, not revoked."""
+        now = self.clock()
+        with self.db.write() as conn:
+            current = repo.get_credential(conn, cred.id, for_update=True)
+            if current is not None and current.state in (
+                CredentialState.REVOKED,
+                CredentialState.EXPIRED,
+            ):
+                return current
+            repo.update_credential(
+                conn,
+                cred.id,
+                state=CredentialState.EXPIRED,
+                next_attempt_at=None,
+                last_error=None,
+                sealed=None,
+            )
+            record(
+                conn,
+                AuditEvent(
+                    name=EventName.CREDENTIAL_EXPIRE,
+                    outcome=Outcome.SUCCESS,
+                    time=now,
+                    trace_id=task.trace_id if task else new_trace_id(),
+                    parent_span_id=task.span_id if task else None,
+                    task_id=cred.task_id,
+                    credential_id=cred.id,
+                    attributes={
+                        "broker.task.id": cred.task_id,
+                        "broker.credential.id": cred.id,
+                        "broker.backend": cred.backend,
+                        "broker.credential.kind": cred.kind,
+                        "broker.credential.expires_at": cred.expires_at,
+                        "broker.revoke.reason": reason,
+                    },
                 ),
             )
             updated = repo.get_credential(conn, cred.id)

@@ -5,6 +5,10 @@ start and end times after the process ends. The broker records it as one
 ``broker.credential.use`` event with ``broker.use.source = "exec"``, a child of the task's span,
 with the span id the client handed to the process as ``TRACEPARENT`` so that the process's own
 spans nest under it. Times are the client's, clamped to what the broker knows to be possible.
+
+A run may also carry the uses its tools reported (``broker.use.source = "git_credential"``: each
+request of ``broker git-credential``, with git's host and repository path and whether git then
+accepted or refused the token); each becomes a ``broker.credential.use`` child of the run.
 """
 
 from __future__ import annotations
@@ -29,6 +33,19 @@ CLOCK_SKEW = 60.0
 
 
 @dataclass(frozen=True, slots=True)
+class ToolUse:
+    """One use by a tool of the run (the git credential helper): what, where, and its outcome."""
+
+    source: str
+    at: float
+    operation: str
+    protocol: str
+    host: str
+    path: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunReport:
     """What the agent says ran."""
 
@@ -40,6 +57,7 @@ class RunReport:
     via: str
     span_id: str | None = None
     credential_id: str | None = None
+    uses: tuple[ToolUse, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +119,8 @@ class RunService:
                     )
                 event = self._event(session, task, cred, report, now)
                 record(conn, event)
+                for use in report.uses:
+                    record(conn, self._tool_use(session, task, cred, event, use, now))
         except (NotFound, Conflict) as exc:
             self._audit_refusal(session, task_id, exc, trace, now)
             raise
@@ -144,6 +164,44 @@ class RunService:
             actor_issuer=session.principal.issuer,
             actor_subject=session.principal.subject,
             attributes=attributes,
+        )
+
+    def _tool_use(
+        self,
+        session: Session,
+        task: Task,
+        cred: Credential,
+        run: AuditEvent,
+        use: ToolUse,
+        now: float,
+    ) -> AuditEvent:
+        """A use a tool of the run reported, as a child of the run's span (times clamped)."""
+        at = min(max(use.at, run.time), run.end_time or now)
+        return AuditEvent(
+            name=EventName.CREDENTIAL_USE,
+            outcome=Outcome.FAILURE if use.outcome in ("refused", "rejected") else Outcome.SUCCESS,
+            time=at,
+            end_time=at,
+            trace_id=task.trace_id,
+            parent_span_id=run.span_id,
+            session_id=session.id,
+            task_id=task.id,
+            credential_id=cred.id,
+            actor_issuer=session.principal.issuer,
+            actor_subject=session.principal.subject,
+            attributes={
+                **task_attributes(task),
+                "broker.use.source": use.source,
+                "broker.use.reported_by": "agent",
+                "broker.credential.id": cred.id,
+                "broker.backend": cred.backend,
+                "broker.credential.kind": cred.kind,
+                "broker.git.operation": use.operation,
+                "broker.git.protocol": use.protocol,
+                "broker.git.host": use.host,
+                "broker.git.path": use.path,
+                "broker.git.outcome": use.outcome,
+            },
         )
 
     def _audit_refusal(

@@ -880,7 +880,7 @@ def expire_lapsed_credentials(
         moved = conn.execute(
             update(t.credentials)
             .where(c.id == cred.id, c.state == CredentialState.ACTIVE.value)
-            .values(state=CredentialState.EXPIRED.value, next_attempt_at=None)
+            .values(state=CredentialState.EXPIRED.value, next_attempt_at=None, sealed=None)
         ).rowcount
         if moved == 1:
             lapsed.append(cred)

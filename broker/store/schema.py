@@ -1,7 +1,9 @@
 """Tables. Times are UNIX epoch seconds (float) so both SQLite and PostgreSQL compare them alike.
 
 No secret is ever stored: session tokens are kept as SHA-256 hashes, credentials by their external
-handle (Vault accessor or lease id, STS access key id, JWT id).
+handle (Vault accessor or lease id, STS access key id, JWT id). The one exception is ciphertext:
+``credentials.sealed`` holds what a backend needs to revoke (a GitHub token), sealed under a key
+that is never in the database, and only while the credential may be alive.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ credentials = Table(
     Column("last_error", Text),
     Column("details", JSON, nullable=False),
     Column("idempotency_key", String(256)),
+    # A backend's revocation material sealed under a key that is not in the database (GitHub
+    # tokens: DELETE /installation/token needs the token); NULL once revoked or expired.
+    Column("sealed", Text),
     UniqueConstraint("task_id", "idempotency_key", name="uq_credentials_idempotency"),
 )
 Index("ix_credentials_task", credentials.c.task_id)

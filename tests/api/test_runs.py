@@ -173,3 +173,63 @@ def test_malformed_reports_are_422_and_record_nothing(
         assert resp.json()["code"] == "validation_failed"
         assert stack.events(task.id, "broker.credential.use") == []
         client.complete(task.id)
+
+
+def git_use(**overrides: Any) -> dict[str, Any]:
+    use = {
+        "source": "git_credential",
+        "at": time.time() - 1,
+        "operation": "get",
+        "protocol": "https",
+        "host": "github.com",
+        "path": "octo-org/Hello-World.git",
+        "outcome": "served",
+    }
+    use.update(overrides)
+    return use
+
+
+def test_tool_uses_become_child_spans_of_the_run(stack: AgentStack) -> None:
+    """Uses a run's tools report (the git credential helper's) are recorded as
+    broker.credential.use events under the run's span, with host, path and git's verdict; a
+    replayed report does not record them twice."""
+    with stack.client("tool-uses") as client:
+        task, cred = minted(client)
+        span_id = secrets.token_hex(8)
+        uses = [git_use(), git_use(operation="store", outcome="accepted")]
+        for _ in range(2):
+            resp = report(stack, client, task.id, span_id=span_id, uses=uses)
+            assert resp.status_code == 201, resp.text
+        recorded = [
+            e
+            for e in stack.events(task.id, "broker.credential.use")
+            if e["attributes"].get("broker.use.source") == "git_credential"
+        ]
+        assert sorted(e["attributes"]["broker.git.operation"] for e in recorded) == [
+            "get",
+            "store",
+        ]
+        assert {e["parent_span_id"] for e in recorded} == {span_id}
+        assert {e["credential_id"] for e in recorded} == {cred.id}
+        client.complete(task.id)
+
+
+@pytest.mark.parametrize(
+    "uses",
+    [
+        [git_use()] * 101,
+        [git_use(source="curl")],
+        [git_use(operation="approve")],
+        [git_use(host="h" * 256)],
+    ],
+)
+def test_malformed_tool_uses_are_refused(stack: AgentStack, uses: list[dict[str, Any]]) -> None:
+    """More than 100 uses, an unknown source or operation, an overlong host: 422 problem+json,
+    nothing recorded."""
+    with stack.client("tool-uses-bad") as client:
+        task, _ = minted(client)
+        resp = report(stack, client, task.id, uses=uses)
+        assert resp.status_code == 422
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        assert stack.events(task.id, "broker.credential.use") == []
+        client.complete(task.id)

@@ -34,6 +34,9 @@ def test_discovery_lists_what_the_caller_may_request(
             "postgres-readwrite",
             "aws-s3-read",
             "aws-deploy",
+            "github-read-repo",
+            "github-pull-request",
+            "github-admin",
         }
         outsider = login(client, issuer, "ext", groups=["contractors"])
         assert {s["name"] for s in outsider.get("/v1/scopes").json()} == {

@@ -67,7 +67,7 @@ def test_policy_tests_pass_on_the_examples() -> None:
         app, ["scopes", "test", str(SCOPES / "tests" / "examples.yaml"), "--dir", str(SCOPES)]
     )
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("PASS") == 10
+    assert result.stdout.count("PASS") == 15
 
 
 def test_a_failing_policy_test_fails_the_run(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ EXAMPLES = {
     "postgres-readwrite",
     "aws-s3-read",
     "aws-deploy",
+    "github-read-repo",
+    "github-pull-request",
+    "github-admin",
 }
 
 
@@ -34,7 +37,7 @@ def examples() -> dict[str, LoadedTemplate]:
 
 
 def test_every_example_is_present_and_clean(examples: dict[str, LoadedTemplate]) -> None:
-    """All five examples load with no finding at all."""
+    """All examples load with no finding at all."""
     assert set(examples) == EXAMPLES
 
 
@@ -98,6 +101,17 @@ def test_backends_and_rules(examples: dict[str, LoadedTemplate]) -> None:
             {"environment": "prod", "change": "CHG-2024"},
             "invalid",
         ),
+        ("github-read-repo", DEV, {"repo": "Hello-World"}, "approved"),
+        ("github-read-repo", DEV, {"repo": "secrets-vault"}, "invalid"),
+        ("github-pull-request", DEV, {"repo": "platform-api"}, "approved"),
+        (
+            "github-pull-request",
+            {"sub": "x", "groups": ["contractors"]},
+            {"repo": "platform-api"},
+            "denied",
+        ),
+        ("github-admin", DEV, {"repo": "platform-api"}, "pending"),
+        ("github-admin", DEV, {"repo": "platform-api", "administration": "admin"}, "invalid"),
     ],
 )
 def test_example_decisions(
@@ -122,3 +136,25 @@ def test_s3_policy_is_assembled_as_data(examples: dict[str, LoadedTemplate]) -> 
     assert parsed["Statement"][0]["Condition"]["StringLike"]["s3:prefix"] == ["2024/05/*"]
     assert parsed["Statement"][1]["Resource"] == "arn:aws:s3:::example-data-logs/2024/05/*"
     assert result.rendered["tags"] == {"bucket": "example-data-logs"}  # type: ignore[index]
+
+
+def test_github_examples_render_narrow_tokens(examples: dict[str, LoadedTemplate]) -> None:
+    """The GitHub examples render exactly one repository each, the read scope contents: read
+    only, the pull-request scope contents and pull requests write, and the admin scope adds
+    administration at the level asked (read unless write is asked for)."""
+    read = evaluate(examples["github-read-repo"], DEV, {"repo": "Hello-World"}).rendered
+    assert read is not None
+    assert (read["owner"], read["repositories"], read["permissions"]) == (
+        "octo-org",
+        ["Hello-World"],
+        {"contents": "read"},
+    )
+    pr = evaluate(examples["github-pull-request"], DEV, {"repo": "platform-api"}).rendered
+    assert pr is not None
+    assert pr["permissions"] == {"contents": "write", "pull_requests": "write"}
+    admin = examples["github-admin"]
+    assert (admin.template.approval.count, admin.template.risk.value) == (2, "high")
+    for asked, level in (({}, "read"), ({"administration": "write"}, "write")):
+        rendered = evaluate(admin, DEV, {"repo": "platform-api", **asked}).rendered
+        assert rendered is not None
+        assert rendered["permissions"]["administration"] == level

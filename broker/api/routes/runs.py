@@ -8,9 +8,24 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker.api.deps import BrokerDep, SessionDep, TraceDep
-from broker.services.runs import RunReport, RunService
+from broker.services.runs import RunReport, RunService, ToolUse
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+
+class ToolUseIn(BaseModel):
+    """One use of the credential by a tool of the run, as the agent's side saw it: for now the
+    git credential helper (``get`` answered, then git's ``store`` or ``erase`` verdict)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["git_credential"]
+    at: float = Field(ge=0)
+    operation: Literal["get", "store", "erase"]
+    protocol: str = Field(max_length=16, pattern=r"^[a-z][a-z0-9+.-]*$")
+    host: str = Field(max_length=255)
+    path: str = Field(default="", max_length=1024)
+    outcome: Literal["served", "refused", "accepted", "rejected"]
 
 
 class ExecReportIn(BaseModel):
@@ -26,6 +41,7 @@ class ExecReportIn(BaseModel):
     via: Literal["cli", "sdk", "mcp"] = "sdk"
     span_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     credential_id: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    uses: list[ToolUseIn] = Field(default_factory=list, max_length=100)
 
     @model_validator(mode="after")
     def _one_ending(self) -> ExecReportIn:
@@ -50,7 +66,8 @@ class ExecReportOut(BaseModel):
 def report_exec(
     task_id: str, body: ExecReportIn, session: SessionDep, broker: BrokerDep, trace: TraceDep
 ) -> ExecReportOut:
-    """Record a run (command, exit status, times) as a ``broker.credential.use`` span."""
+    """Record a run (command, exit status, times) as a ``broker.credential.use`` span, and each
+    use its tools report (the git credential helper's) as a child span of it."""
     recorded = RunService(broker.db, broker.clock).record(
         session,
         task_id,
@@ -63,6 +80,7 @@ def report_exec(
             via=body.via,
             span_id=body.span_id,
             credential_id=body.credential_id,
+            uses=tuple(ToolUse(**use.model_dump()) for use in body.uses),
         ),
         trace,
     )
