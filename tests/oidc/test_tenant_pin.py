@@ -137,7 +137,7 @@ def test_a_running_broker_in_audit_mode_refuses_another_tenant(
 
         def exchange(**over: Any) -> httpx.Response:
             claims = github_claims(issuer, 0, **over)
-            for name in ("iss", "aud", "iat", "exp", "nbf", "sub"):
+            for name in ("iss", "aud", "iat", "exp", "nbf", "sub", "jti"):
                 claims.pop(name, None)
             token = issuer.token("repo:acme/api:ref:refs/heads/main", **claims)
             return client.post(
