@@ -169,6 +169,8 @@ def test_a_new_session_of_the_same_run_picks_the_task_up(
     asked for; a re-run (another attempt) and another principal of the same run reach nothing."""
     name = sub("rerun")
     first = login(clients[0], issuer, name, **run("77"))
+    me = clients[0].get("/v1/sessions/current", headers=first.auth).json()
+    assert (me["via"], me["run_bound"]) == ("api", True)
     task_id = request_task(clients[0], first, "replica-kv").json()["id"]
     again = login(clients[1], issuer, name, **run("77"))
     retried = login(clients[1], issuer, name, **run("77", "2"))
