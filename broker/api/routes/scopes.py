@@ -61,6 +61,8 @@ def describe(loaded: LoadedTemplate) -> dict[str, Any]:
         "ttl": t.ttl.model_dump(),
         "max_uses": t.max_uses,
         "max_active_tasks": t.max_active_tasks,
+        #: Who may reach its tasks: the requesting session (or run), or any of your sessions.
+        "share": t.share,
         "limits": t.limits.model_dump(),
         "approval": {
             "mode": t.approval.mode,
