@@ -316,6 +316,6 @@ def test_the_documented_examples_load() -> None:
     for block in blocks:
         text = block if block.startswith("issuers:") else "issuers:\n" + block
         entries.extend(yaml.safe_load(text)["issuers"])
-    assert len(entries) == 5
+    assert len(entries) == 6
     for entry in entries:
         IssuerConfig(**entry)
