@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -68,6 +75,25 @@ class ClaimMapping(BaseModel):
     roles: str | None = Field(default=None, pattern=CLAIM_PATH)
     #: Roles granted when the claims satisfy conditions, e.g. approver for one IdP group.
     role_rules: list[RoleRule] = Field(default_factory=list)
+    #: Claims that together name the run a token was issued to (a CI job, a pod): a task is
+    #: reachable from the session that requested it and from later sessions of the same run.
+    #: Empty: a task belongs to its session alone. Presets set GitHub's ``run_id`` and
+    #: ``run_attempt``, GitLab's ``pipeline_id`` and ``job_id``, Kubernetes' pod uid.
+    run_identity: list[Annotated[str, Field(pattern=CLAIM_PATH)]] = Field(
+        default_factory=list, max_length=8
+    )
+    #: Claims naming the person behind this identity across issuers (a verified e-mail, an
+    #: employee id, the GitHub ``actor`` who triggered a run): approvers are counted by person,
+    #: and the requester's person never approves. ``email`` counts only with
+    #: ``email_verified: true``. Empty: people are told apart by (issuer, subject) only.
+    person: list[Annotated[str, Field(pattern=CLAIM_PATH)]] = Field(
+        default_factory=list, max_length=8
+    )
+
+    @field_validator("run_identity", "person", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class IssuerConfig(BaseModel):
@@ -168,18 +194,29 @@ class IssuerConfig(BaseModel):
             )
         return algorithms
 
+    #: The trust conditions that pin a multi-tenant preset's tenant (always enforced).
+    _tenant_pin: Any = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _coherent(self) -> IssuerConfig:
-        from broker.oidc.presets import tenant_problem
+        from broker.oidc.presets import preset_problem, tenant_pin, tenant_problem
 
         if self.jwks_uri is not None and self.jwks_file is not None:
             raise ValueError("give jwks_uri or jwks_file, not both")
         if self.jwks_max_stale <= self.jwks_refresh:
             raise ValueError("jwks_max_stale must be longer than jwks_refresh")
-        problem = tenant_problem(self.preset, self.trust)
+        problem = tenant_problem(self.preset, self.trust) or preset_problem(
+            self.preset, self.issuer
+        )
         if problem:
             raise ValueError(problem)
+        self._tenant_pin = tenant_pin(self.preset, self.trust)
         return self
+
+    @property
+    def tenant_pin(self) -> Any:
+        """The :class:`~broker.oidc.presets.TenantPin` of a multi-tenant preset, or None."""
+        return self._tenant_pin
 
     def transport_problems(self, *, dev_mode: bool) -> list[str]:
         """Plain http is for loopback issuers in dev mode only."""

@@ -10,10 +10,8 @@ from broker.errors import ConfigurationError
 from broker.settings import load_settings
 
 
-def issuer(
-    url: str = "https://token.actions.githubusercontent.com", **kw: object
-) -> dict[str, object]:
-    return {"name": "gh", "issuer": url, "audiences": ["broker"], **kw}
+def issuer(url: str = "https://idp.example.com", **kw: object) -> dict[str, object]:
+    return {"name": "idp", "issuer": url, "audiences": ["broker"], **kw}
 
 
 def test_production_refuses_plain_http_issuer(tmp_path: Path) -> None:
@@ -35,7 +33,7 @@ def test_production_requires_a_signing_key() -> None:
 
 def test_production_accepts_a_sound_configuration(tmp_path: Path) -> None:
     settings = load_settings(issuers=[issuer()], signing_key_file=tmp_path / "k.pem")
-    assert settings.issuers[0].issuer == "https://token.actions.githubusercontent.com"
+    assert settings.issuers[0].issuer == "https://idp.example.com"
 
 
 @pytest.mark.parametrize("alg", ["none", "HS256", "HS512"])

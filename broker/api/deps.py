@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -57,3 +58,19 @@ async def trace_context(
 
 
 TraceDep = Annotated[TraceContext | None, Depends(trace_context)]
+
+
+def require_role(role: str, doing: str) -> Callable[..., Session]:
+    """A dependency: the caller's session, if its principal holds ``role`` (else 403, audited)."""
+
+    def check(session: SessionDep, broker: BrokerDep, trace: TraceDep) -> Session:
+        broker.sessions.require_role(session, role, doing=doing, trace=trace)
+        return session
+
+    return check
+
+
+#: Agents' routes: discovering scopes, requesting, reading, minting, reporting and ending tasks.
+AgentDep = Annotated[Session, Depends(require_role("agent", "requesting and using credentials"))]
+#: Approvers' read routes (a decision is checked, and audited on the task, by the service).
+ApproverDep = Annotated[Session, Depends(require_role("approver", "reading approvals"))]

@@ -148,3 +148,7 @@ class SessionOut(BaseModel):
     roles: list[str]
     created_at: float
     expires_at: float
+    #: Where the session works (``api``; a console session is refused here).
+    via: str = "api"
+    #: Whether the ID token named a run (CI run, pod): later sessions of that run reach its tasks.
+    run_bound: bool = False

@@ -155,7 +155,12 @@ def error_for(  # noqa: PLR0911  # one answer per status family reads best as a 
             )
         return Forbidden(detail, next_step="this identity may not do that", **kw)
     if status == 404:
-        return NotFound(detail, next_step="check the id (`broker tasks` lists yours)", **kw)
+        return NotFound(
+            detail,
+            next_step="check the id: a task is reachable only from the session (or CI run) "
+            "that requested it, and `broker tasks` lists this session's",
+            **kw,
+        )
     if status in (400, 413, 415, 422):
         return InvalidRequest(
             detail,

@@ -18,6 +18,12 @@ class Session:
     ended_at: float | None
     trace_id: str
     span_id: str
+    #: How the session was opened: ``api`` (``POST /oauth2/token``, a bearer token) or
+    #: ``console`` (the console's sign-in, a cookie). Each works only where it was opened.
+    via: str = "api"
+    #: The run the ID token was issued to (a digest of the issuer's ``claims.run_identity``
+    #: claims), or None: then the session's tasks are reachable from this session only.
+    run_identity: str | None = None
 
     def live(self, now: float) -> bool:
         return self.ended_at is None and now < self.expires_at
@@ -54,10 +60,26 @@ class Task:
     decision_hash: str | None = None
     #: Distinct approvals the template asked for when the task was requested (0: automatic).
     approvals_required: int = 0
+    #: The requesting session's run identity (None: the task belongs to its session alone).
+    run_identity: str | None = None
+    #: ``session`` (the session or run that asked) or ``principal`` (any session of the
+    #: requester: the template's ``share``).
+    share: str = "session"
+    #: The requester's persons when it asked (``Principal.persons``), so they never approve.
+    requester_persons: tuple[str, ...] | None = None
 
     @property
     def requester(self) -> tuple[str, str]:
         return (self.issuer, self.subject)
+
+    def reachable_from(self, session: Session) -> bool:
+        """Whether ``session`` may see and use this task: the requester's own session, a later
+        session of the same run, or any session of the requester when the scope shares it."""
+        if self.requester != session.principal.key:
+            return False
+        if self.session_id == session.id or self.share == "principal":
+            return True
+        return self.run_identity is not None and self.run_identity == session.run_identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +95,8 @@ class Approval:
     reason: str | None = None
     #: The task's binding hash this decision was made on; a changed task voids it.
     binding_hash: str | None = None
+    #: The approver's persons when they decided (``Principal.persons``): one person counts once.
+    persons: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -427,6 +427,14 @@ class ScopeTemplate(BaseModel):
         default=5, ge=1, le=1000, description="Open tasks per principal for this scope."
     )
     risk: RiskTier = RiskTier.LOW
+    share: Literal["session", "principal"] = Field(
+        default="session",
+        description=(
+            "Who may reach a task of this scope: 'session' (the session that requested it, and "
+            "later sessions of the same CI run or pod), or 'principal' (every session of the "
+            "requester, e.g. a person's CLI and their editor's agent)."
+        ),
+    )
     approval: ApprovalRule = Field(default_factory=ApprovalRule)
     limits: Limits = Field(default_factory=Limits)
     labels: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]{1,63}$")], str] = Field(

@@ -229,22 +229,31 @@ def tally(
     """Count the distinct, fresh approvals bound to this exact task version.
 
     An approval counts only if it approves, is not the requester's own, was made on the task's
-    current binding hash and template version, and is younger than ``approval_ttl``.
+    current binding hash and template version, and is younger than ``approval_ttl``. Approvers
+    are told apart by person: two approvals sharing an identity (issuer, subject) or a person
+    value (``Approval.persons``) count once, and one sharing either with the requester (its
+    identity, ``Task.requester_persons``) never counts.
     """
     binding = task_binding(task)
-    seen: set[tuple[str, str]] = set()
+    seen = identities(task.issuer, task.subject, task.requester_persons)
     counted: list[Approval] = []
     for a in sorted(approvals, key=lambda a: a.created_at, reverse=True):
-        key = (a.issuer, a.subject)
+        keys = identities(a.issuer, a.subject, a.persons)
         if (
             a.decision != APPROVE
-            or key == task.requester
-            or key in seen
+            or keys & seen
             or a.binding_hash != binding
             or a.template_hash != task.template_hash
             or now >= a.created_at + approval_ttl
         ):
             continue
-        seen.add(key)
+        seen |= keys
         counted.append(a)
     return Tally(tuple(counted), required, approval_ttl)
+
+
+def identities(issuer: str, subject: str, persons: Iterable[str] | None) -> set[tuple[str, str]]:
+    """What tells one person from another: the identity and every person value it carries."""
+    keys = {("identity", f"{issuer}\n{subject}")}
+    keys.update(("person", p) for p in persons or ())
+    return keys

@@ -11,6 +11,12 @@ A trust rule pins the tenant when one of its ``all`` conditions does (or every o
 tenant claim, or a ``glob``/``regex`` on a tenant claim whose literal beginning already names
 the tenant (``my-org/*`` for ``repository``; ``.*`` or ``my-org*`` do not). CEL conditions may
 refine a trust rule but never count as pinning: their meaning cannot be checked at load time.
+
+The pinning conditions are also *enforced on their own* (:func:`tenant_pin`): ``trust_mode:
+audit`` relaxes the rules on top of the pin, never the pin itself, so rolling out a new rule can
+never let another tenant's token in. And an issuer entry naming a multi-tenant issuer's URL
+without its preset (:func:`preset_problem`) is refused, so the pin cannot be skipped by
+leaving the preset out.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-from broker.domain.conditions import Condition, ConditionSet
+from broker.domain.conditions import Condition, ConditionSet, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +45,14 @@ class Preset:
     name: str
     issuer: str | None
     algorithms: tuple[str, ...]
-    claims: Mapping[str, str | None]
+    claims: Mapping[str, Any]
     required_claims: tuple[str, ...] = ()
     tenant_claims: tuple[TenantClaim, ...] = ()
     roles: tuple[str, ...] = ("agent",)
     notes: str = ""
 
 
-GENERIC_CLAIMS: Mapping[str, str | None] = {
+GENERIC_CLAIMS: Mapping[str, Any] = {
     "subject": "sub",
     "display_name": "name",
     "groups": "groups",
@@ -76,6 +83,10 @@ PRESETS: dict[str, Preset] = {
             "display_name": "job_workflow_ref",
             "groups": None,
             "roles": None,
+            # One workflow run (a re-run is another attempt, so another run).
+            "run_identity": ["run_id", "run_attempt"],
+            # The person who triggered the run never approves its requests.
+            "person": ["actor"],
         },
         required_claims=(
             "repository",
@@ -100,7 +111,14 @@ PRESETS: dict[str, Preset] = {
         name="gitlab-ci",
         issuer="https://gitlab.com",
         algorithms=("RS256",),
-        claims={"subject": "sub", "display_name": "project_path", "groups": None, "roles": None},
+        claims={
+            "subject": "sub",
+            "display_name": "project_path",
+            "groups": None,
+            "roles": None,
+            "run_identity": ["pipeline_id", "job_id"],
+            "person": ["user_login"],
+        },
         required_claims=(
             "namespace_id",
             "namespace_path",
@@ -121,7 +139,14 @@ PRESETS: dict[str, Preset] = {
         name="kubernetes",
         issuer=None,
         algorithms=("RS256", "ES256"),
-        claims={"subject": "sub", "display_name": None, "groups": None, "roles": None},
+        claims={
+            "subject": "sub",
+            "display_name": None,
+            "groups": None,
+            "roles": None,
+            # A pod-bound token names its pod; `kubectl create token` tokens name none.
+            "run_identity": ["kubernetes.io.pod.uid"],
+        },
         required_claims=("kubernetes.io.namespace", "kubernetes.io.serviceaccount.name"),
         tenant_claims=(
             TenantClaim("kubernetes.io.namespace"),
@@ -223,3 +248,60 @@ def tenant_problem(preset_name: str, trust: ConditionSet | None) -> str | None:
         f"the {preset_name} preset trusts tokens of many tenants: its trust rules must pin one "
         f"with an equals, one_of, or a glob/regex with a literal tenant prefix on one of: {names}"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPin:
+    """The conditions of a trust rule that pin the tenant, enforced whatever ``trust_mode`` says."""
+
+    all: tuple[Condition, ...]
+    any: tuple[Condition, ...]
+
+    def evaluate(self, claims: Mapping[str, Any]) -> Verdict:
+        for cond in self.all:
+            verdict = cond.evaluate(claims)
+            if not verdict:
+                return Verdict(False, f"tenant pin: {verdict.reason}")
+        if self.any and not any(c.evaluate(claims) for c in self.any):
+            return Verdict(False, "tenant pin: none of the pinning 'any' conditions was met")
+        return Verdict(True, "tenant pinned")
+
+
+def tenant_pin(preset_name: str, trust: ConditionSet | None) -> TenantPin | None:
+    """The pinning part of ``trust`` for a multi-tenant preset (None: nothing to pin)."""
+    preset = PRESETS.get(preset_name)
+    if preset is None or not preset.tenant_claims or trust is None:
+        return None
+
+    def pinned(cond: Condition) -> bool:
+        return any(pins(cond, t) for t in preset.tenant_claims)
+
+    every = tuple(c for c in trust.all if pinned(c))
+    some = tuple(trust.any) if trust.any and all(pinned(c) for c in trust.any) else ()
+    if not every and not some:
+        return None  # tenant_problem refuses such a configuration at load
+    return TenantPin(every, some)
+
+
+#: Issuers that sign tokens for every tenant of a shared platform, by host, and the preset
+#: whose tenant pin they need.
+MULTI_TENANT_HOSTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"token\.actions\.githubusercontent\.com"), "github-actions"),
+    (re.compile(r"gitlab\.com"), "gitlab-ci"),
+    (re.compile(r"oidc\.eks\.[a-z0-9-]+\.amazonaws\.com"), "kubernetes"),
+    (re.compile(r"container\.googleapis\.com"), "kubernetes"),
+    (re.compile(r"[a-z0-9-]+\.oic\.prod-aks\.azure\.com"), "kubernetes"),
+)
+
+
+def preset_problem(preset_name: str, issuer_url: str) -> str | None:
+    """Why an entry for a known multi-tenant issuer must use its preset, or None."""
+    host = (urlsplit(issuer_url).hostname or "").lower()
+    for pattern, wanted in MULTI_TENANT_HOSTS:
+        if pattern.fullmatch(host) and preset_name != wanted:
+            return (
+                f"{issuer_url} issues tokens to many tenants: configure it with "
+                f"preset: {wanted}, whose trust rules must pin your tenant (with preset "
+                f"{preset_name!r}, any tenant's token would open a session)"
+            )
+    return None

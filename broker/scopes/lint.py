@@ -472,6 +472,17 @@ def check_template(template: ScopeTemplate) -> list[Finding]:  # noqa: PLR0912  
                     "warning",
                 )
             )
+    if template.share == "principal" and template.approval.mode == "manual":
+        out.append(
+            Finding(
+                ("share",),
+                "share-principal",
+                "every session of the requester may use what approvers granted one request "
+                "(another CI run of the same workflow, too); keep 'session' unless people "
+                "need it",
+                "warning",
+            )
+        )
     for key in ("all", "any"):
         for i, cond in enumerate(getattr(template.requester, key)):
             if cond.cel is not None and cond.cel.strip() == "true":

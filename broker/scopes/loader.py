@@ -61,9 +61,19 @@ class LintProblem:
         }
 
 
+#: Fields added after templates were first hashed, with the default that means what an older
+#: template said by leaving them out: at that default they stay out of the hash, so an upgrade
+#: changes no template's hash (and voids no approval).
+_LATER_FIELDS = {"share": "session"}
+
+
 def content_hash(template: ScopeTemplate) -> str:
     """SHA-256 of the template's canonical content (see the module docstring)."""
-    return hashlib.sha256(canonical_json(template.model_dump(mode="json"))).hexdigest()
+    body = template.model_dump(mode="json")
+    for name, default in _LATER_FIELDS.items():
+        if body.get(name) == default:
+            del body[name]
+    return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

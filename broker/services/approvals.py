@@ -1,8 +1,15 @@
 """Approvers decide pending tasks: list what they may decide, approve or deny with a reason.
 
 Who may decide a task: a principal with the ``approver`` role, whose claims satisfy the
-template's ``approval.approvers`` conditions, who is not the requester (same issuer and subject).
-A task needs ``approval.count`` distinct such principals to approve it; a single denial denies it.
+template's ``approval.approvers`` conditions, who is not the requester. A task needs
+``approval.count`` distinct such people to approve it; a single denial denies it.
+
+People are told apart by (issuer, subject) and, where issuers name a person claim
+(``claims.person``: a verified e-mail, an employee id, the GitHub ``actor``), by person: one
+person approving under two identities counts once, and the requester's person (including the
+``actor`` who triggered a CI run) never approves. An approver whose issuer names a person claim
+but whose token carries none that counts is refused (``person_unknown``): they could not be
+told apart from their other identities.
 
 Each decision is bound to the task's binding hash and template version, and counts only while
 it is younger than ``approval.approval_ttl``: an approval that went stale while the others were
@@ -16,12 +23,13 @@ so two approvers deciding at once both count, and a denial racing an approval le
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_trace_id
 from broker.domain.ids import new_id
-from broker.domain.principal import Principal
+from broker.domain.principal import Principal, role_refusal
 from broker.domain.records import Approval, Session, Task
 from broker.domain.task import (
     APPROVE,
@@ -110,7 +118,7 @@ class ApprovalService:
             return None
 
     @staticmethod
-    def _eligibility(
+    def _eligibility(  # noqa: PLR0911  # one return per rule, in the order they apply
         principal: Principal,
         task: Task,
         loaded: LoadedTemplate | None,
@@ -119,8 +127,21 @@ class ApprovalService:
         """Why ``principal`` may not decide ``task`` (None: they may)."""
         if principal.key == task.requester:
             return Forbidden("the requester of a task can never decide it", code="self_approval")
+        if principal.same_person(task.requester_persons, task.requester):
+            return Forbidden(
+                "you are the person who requested this task (under another identity, or the "
+                "one who triggered its run); the requester can never decide it",
+                code="self_approval",
+            )
         if not principal.has_role(APPROVER_ROLE):
-            return Forbidden("you do not hold the approver role", code="not_an_approver")
+            return role_refusal(principal, APPROVER_ROLE, doing="deciding a task")
+        if principal.persons == ():
+            return Forbidden(
+                "your identity provider names a person claim (claims.person) but your token "
+                "carries none that counts (an e-mail needs email_verified: true), so your "
+                "approval could not be told apart from your other identities'",
+                code="person_unknown",
+            )
         if loaded is None:
             return None  # checked by the caller: the template is gone or changed
         rule = loaded.template.approval
@@ -143,7 +164,22 @@ class ApprovalService:
 
     def _require_approver(self, session: Session) -> None:
         if not session.principal.has_role(APPROVER_ROLE):
-            raise Forbidden("you do not hold the approver role", code="not_an_approver")
+            raise role_refusal(session.principal, APPROVER_ROLE, doing="reading approvals")
+
+    @staticmethod
+    def _same_person_approval(
+        principal: Principal, approvals: Iterable[Approval], now: float, approval_ttl: int
+    ) -> Approval | None:
+        """A fresh approval this person already made under another identity."""
+        for a in approvals:
+            if (
+                a.decision == APPROVE
+                and (a.issuer, a.subject) != principal.key
+                and principal.same_person(a.persons, (a.issuer, a.subject))
+                and now < a.created_at + approval_ttl
+            ):
+                return a
+        return None
 
     # --- read -----------------------------------------------------------------------------
 
@@ -171,7 +207,9 @@ class ApprovalService:
         if (
             why_not is None
             and counted is not None
-            and any((a.issuer, a.subject) == principal.key for a in counted.counted)
+            and any(
+                principal.same_person(a.persons, (a.issuer, a.subject)) for a in counted.counted
+            )
         ):
             why_not = "you already approved this task"
         return ApprovalView(task, loaded, approvals, counted, name, why_not is None, why_not)
@@ -190,8 +228,10 @@ class ApprovalService:
         """One task as an approver sees it (any state).
 
         Only someone who may decide it (now or under its current template), who already decided
-        it, or who requested it, sees it: other approvers get a 404, as for a task that does not
-        exist, so approval rights on one team's scopes reveal nothing of another's requests.
+        it, or who requested it (the same identity or person, read-only: an approver is shown why
+        they may not decide their own request), sees it: other approvers get a 404, as for a task
+        that does not exist, so approval rights on one team's scopes reveal nothing of another's
+        requests. Seeing it here never lets a session mint, use or complete it.
         """
         self._require_approver(session)
         self.tasks.expire_due(ids=[task_id])
@@ -282,12 +322,22 @@ class ApprovalService:
                 "the scope template changed after the request; the task was denied",
                 code="template_changed",
             )
+        template = loaded.template if loaded is not None else None
+        approval_ttl = template.approval.approval_ttl if template is not None else 0
+        if refusal is None and approve:
+            earlier = self._same_person_approval(
+                principal, repo.approvals_for(conn, task.id), now, approval_ttl
+            )
+            if earlier is not None:
+                refusal = Conflict(
+                    f"you already approved this task as {earlier.subject} ({earlier.issuer}); "
+                    "one person counts once",
+                    code="already_decided",
+                )
         if refusal is not None:
             self._audit_refused(conn, session, task, refusal, now, approve)
             return task, refusal
         # Only a denial gets here when the template is gone or changed (an approval was refused).
-        template = loaded.template if loaded is not None else None
-        approval_ttl = template.approval.approval_ttl if template is not None else 0
         approval = Approval(
             id=new_id("apr"),
             task_id=task.id,
@@ -299,6 +349,7 @@ class ApprovalService:
             template_hash=task.template_hash,
             created_at=now,
             binding_hash=task_binding(task),
+            persons=principal.persons,
         )
         if not repo.insert_approval(conn, approval):
             earlier = next(
@@ -322,6 +373,7 @@ class ApprovalService:
                 binding_hash=approval.binding_hash,
                 created_at=now,
                 display_name=approval.display_name,
+                persons=approval.persons,
             )
         self._audit_approval(conn, session, task, approval)
         if not approve:
@@ -405,6 +457,11 @@ class ApprovalService:
                     "broker.approval.binding": approval.binding_hash,
                     "broker.approver.sub": approval.subject,
                     "broker.approver.issuer": approval.issuer,
+                    **(
+                        {"broker.approver.persons": list(approval.persons)}
+                        if approval.persons is not None
+                        else {}
+                    ),
                 },
             ),
         )

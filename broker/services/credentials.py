@@ -32,7 +32,15 @@ from broker.scopes.loader import LoadedTemplate, ScopeCatalog
 from broker.scopes.render import render_backend
 from broker.services.common import Clock, record
 from broker.services.revocation import Revoker
-from broker.services.tasks import Notifier, audit_task_refusal, authorize_mint, task_attributes
+from broker.services.tasks import (
+    Notifier,
+    UnknownTask,
+    audit_task_refusal,
+    audit_unreachable,
+    authorize_mint,
+    reachable_task,
+    task_attributes,
+)
 from broker.settings import Settings
 from broker.store import Database, Tx, repo
 
@@ -102,34 +110,16 @@ class CredentialService:
     def mint(self, session: Session, task_id: str, idempotency_key: str | None = None) -> Issued:
         """Mint the task's credential; the secret is in the result only."""
         now = self.clock()
-        refusal: BrokerError | None = None
         # 1. Check the task and record the intent, in one transaction.
-        with self.db.write() as conn:
-            task = repo.get_task(conn, task_id, for_update=True)
-            if task is None or task.requester != session.principal.key:
-                raise NotFound("no such task", code="unknown_task")
-            own_refusal: BrokerError | None = None
-            if idempotency_key:
-                own_refusal = self._replayed(conn, task, idempotency_key)
-            if own_refusal is None:
-                loaded = self._loaded(task.scope)
-                # Audits its own refusals (and may end a lapsed task: commit, do not roll back).
-                refusal = authorize_mint(
-                    conn, task, loaded, now, session_id=session.id, notifier=self.notifier
-                )
-                if refusal is None:
-                    assert loaded is not None
-                    try:
-                        cred, request, backend = self._intent(
-                            conn, session, task, loaded, now, idempotency_key
-                        )
-                    except BrokerError as exc:
-                        own_refusal = exc
-            if own_refusal is not None:
-                audit_task_refusal(conn, task, own_refusal, now, session_id=session.id)
-                refusal = own_refusal
+        try:
+            task, refusal, planned = self._authorize(session, task_id, idempotency_key, now)
+        except UnknownTask as unknown:  # nothing was written: audit the refusal on its own
+            audit_unreachable(self.db, now, session, unknown, "mint")
+            raise
         if refusal is not None:
             raise refusal  # after the commit: the refusal's audit event is kept
+        assert planned is not None
+        cred, request, backend = planned
         # 2. The backend call, outside any transaction.
         try:
             minted = backend.mint(request)
@@ -154,6 +144,34 @@ class CredentialService:
         return self._record_issue(session, task, cred, request, backend, minted, now)
 
     # --- step 1 ---------------------------------------------------------------------------
+
+    def _authorize(
+        self, session: Session, task_id: str, idempotency_key: str | None, now: float
+    ) -> tuple[Task, BrokerError | None, tuple[Credential, MintRequest, Backend] | None]:
+        """Step 1 in one transaction: the refusal (audited, committed) or the recorded intent."""
+        refusal: BrokerError | None = None
+        planned: tuple[Credential, MintRequest, Backend] | None = None
+        with self.db.write() as conn:
+            task = reachable_task(conn, session, task_id, for_update=True)
+            own_refusal: BrokerError | None = None
+            if idempotency_key:
+                own_refusal = self._replayed(conn, task, idempotency_key)
+            if own_refusal is None:
+                loaded = self._loaded(task.scope)
+                # Audits its own refusals (and may end a lapsed task: commit, do not roll back).
+                refusal = authorize_mint(
+                    conn, task, loaded, now, session_id=session.id, notifier=self.notifier
+                )
+                if refusal is None:
+                    assert loaded is not None
+                    try:
+                        planned = self._intent(conn, session, task, loaded, now, idempotency_key)
+                    except BrokerError as exc:
+                        own_refusal = exc
+            if own_refusal is not None:
+                audit_task_refusal(conn, task, own_refusal, now, session_id=session.id)
+                refusal = own_refusal
+        return task, refusal, planned
 
     @staticmethod
     def _replayed(conn: Tx, task: Task, key: str) -> BrokerError | None:
@@ -195,12 +213,18 @@ class CredentialService:
             raise ServiceUnavailable(
                 f"the {backend_name} backend is not configured", code="backend_not_configured"
             )
+        # The task ends with the session that requested it (the reaper ends it then), so its
+        # credential lives no longer than that session nor the one minting it.
+        owner = (
+            session if task.session_id == session.id else repo.get_session(conn, task.session_id)
+        )
         ttl = int(
             min(
                 task.ttl,
                 template.ttl.max,
                 self.settings.credential_max_ttl,
                 session.expires_at - now,
+                (owner.expires_at if owner is not None else now) - now,
             )
         )
         if ttl < 1:

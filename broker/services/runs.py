@@ -21,7 +21,7 @@ from broker.domain.audit import AuditEvent, EventName, Outcome, new_span_id, new
 from broker.domain.records import Credential, Session, Task
 from broker.errors import BrokerError, Conflict, NotFound
 from broker.services.common import Clock, TraceContext, record
-from broker.services.tasks import task_attributes
+from broker.services.tasks import UnknownTask, audit_unreachable, reachable_task, task_attributes
 from broker.store import Database, repo
 
 #: The value of ``broker.use.source`` on reported runs (see docs/audit.md).
@@ -88,9 +88,7 @@ class RunService:
         now = self.clock()
         try:
             with self.db.write() as conn:
-                task = repo.get_task(conn, task_id)
-                if task is None or task.requester != session.principal.key:
-                    raise NotFound("no such task", code="unknown_task")
+                task = reachable_task(conn, session, task_id)
                 cred = _credential(repo.credentials_for(conn, task.id), report.credential_id)
                 previous = [
                     e
@@ -121,6 +119,9 @@ class RunService:
                 record(conn, event)
                 for use in report.uses:
                     record(conn, self._tool_use(session, task, cred, event, use, now))
+        except UnknownTask as unknown:
+            audit_unreachable(self.db, now, session, unknown, "exec_report", trace)
+            raise
         except (NotFound, Conflict) as exc:
             self._audit_refusal(session, task_id, exc, trace, now)
             raise

@@ -16,15 +16,21 @@ from typing import Any
 
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_span_id, new_trace_id
 from broker.domain.ids import new_id, new_session_token, token_hash
+from broker.domain.principal import role_refusal
 from broker.domain.records import Session
 from broker.errors import AuthenticationFailed, BrokerError, Conflict
 from broker.oidc.errors import TokenRefused
+from broker.oidc.trust import run_identity_of
 from broker.oidc.verifier import TokenVerifier, VerifiedToken
 from broker.services.common import Clock, TraceContext, record
 from broker.settings import Settings
 from broker.store import Database, repo
 
 log = logging.getLogger(__name__)
+
+#: Where a session was opened, and where alone it may be used (``Session.via``).
+VIA_API = "api"
+VIA_CONSOLE = "console"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,45 @@ class SessionService:
             # The refusal stands either way; failing to record it must not turn it into a 5xx.
             log.exception("could not audit an authentication failure")
 
+    def require_role(
+        self, session: Session, role: str, *, doing: str, trace: TraceContext | None = None
+    ) -> None:
+        """Refuse (403, audited as ``broker.request.denied``) a session without ``role``."""
+        if session.principal.has_role(role):
+            return
+        error = role_refusal(session.principal, role, doing=doing)
+        with self.db.write() as conn:
+            record(
+                conn,
+                AuditEvent(
+                    name=EventName.REQUEST_DENIED,
+                    outcome=Outcome.DENIED,
+                    time=self.clock(),
+                    trace_id=trace.trace_id if trace else new_trace_id(),
+                    parent_span_id=trace.span_id if trace else None,
+                    session_id=session.id,
+                    actor_issuer=session.principal.issuer,
+                    actor_subject=session.principal.subject,
+                    links=[
+                        {
+                            "trace_id": session.trace_id,
+                            "span_id": session.span_id,
+                            "type": "session",
+                        }
+                    ],
+                    attributes={
+                        "broker.principal.sub": session.principal.subject,
+                        "broker.issuer": session.principal.issuer,
+                        "broker.request.kind": doing,
+                        "broker.role.required": role,
+                        "broker.principal.roles": sorted(session.principal.roles),
+                        "broker.refusal.code": error.code,
+                        "broker.refusal.detail": error.detail,
+                    },
+                ),
+            )
+        raise error
+
     # --- exchange -------------------------------------------------------------------------
 
     def exchange(
@@ -117,13 +162,14 @@ class SessionService:
         trace: TraceContext | None = None,
         *,
         check: Callable[[VerifiedToken], None] | None = None,
-        via: str | None = None,
+        via: str = VIA_API,
     ) -> IssuedSession:
         """Verify an ID token and open a session bounded by its expiry and the configured caps.
 
         ``check`` may refuse a verified token for the caller's own reasons (the console checks
         the sign-in's nonce and issuer) by raising a ``BrokerError``, audited like any refusal;
-        ``via`` names where the session was opened (``broker.session.via``, e.g. ``console``).
+        ``via`` names where the session was opened and where alone it works (``api``: a bearer
+        token; ``console``: the console's cookie), recorded as ``broker.session.via``.
         """
         try:
             verified = self.verifier.verify(id_token)
@@ -145,6 +191,8 @@ class SessionService:
             ended_at=None,
             trace_id=trace.trace_id if trace else new_trace_id(),
             span_id=new_span_id(),
+            via=via,
+            run_identity=run_identity_of(verified.issuer, verified.claims),
         )
         token = new_session_token()
         try:
@@ -174,7 +222,7 @@ class SessionService:
         verified: VerifiedToken,
         id_token: str,
         trace: TraceContext | None,
-        via: str | None = None,
+        via: str,
     ) -> None:
         principal = session.principal
         issuer = verified.issuer
@@ -189,8 +237,11 @@ class SessionService:
         }
         if verified.jti is not None:
             attributes["broker.id_token.jti"] = verified.jti[:256]
-        if via is not None:
-            attributes["broker.session.via"] = via
+        attributes["broker.session.via"] = via
+        if session.run_identity is not None:
+            attributes["broker.session.run"] = session.run_identity
+        if principal.persons is not None:
+            attributes["broker.principal.persons"] = list(principal.persons)
         if verified.trust.audit_only_denial:
             attributes["broker.trust.mode"] = "audit"
             attributes["broker.trust.would_deny"] = True
@@ -231,10 +282,36 @@ class SessionService:
 
     # --- use ------------------------------------------------------------------------------
 
-    def resolve(self, bearer: str, trace: TraceContext | None = None) -> Session:
-        """The live session behind a bearer token, or ``AuthenticationFailed`` (audited)."""
+    def resolve(
+        self, bearer: str, trace: TraceContext | None = None, *, via: str = VIA_API
+    ) -> Session:
+        """The live session behind a token, or ``AuthenticationFailed`` (audited).
+
+        ``via`` is where the token was presented: a console session's cookie is no API bearer
+        token, and an API session cannot drive the console.
+        """
         with self.db.read() as conn:
             session = repo.session_by_token_hash(conn, token_hash(bearer))
+        if session is not None and session.live(self.clock()) and session.via != via:
+            error = AuthenticationFailed(
+                f"this session was opened for the {session.via} and works only there; "
+                + (
+                    "API calls need a session from POST /oauth2/token"
+                    if via == VIA_API
+                    else "sign in to the console"
+                ),
+                code="wrong_session_kind",
+            )
+            self.audit_failure(
+                error,
+                presented=bearer,
+                what="session",
+                reason=f"{session.via}_session_used_via_{via}",
+                issuer=session.principal.issuer,
+                subject=session.principal.subject,
+                trace=trace,
+            )
+            raise error
         if session is None or not session.live(self.clock()):
             if session is None:
                 reason = "unknown_session"

@@ -171,6 +171,75 @@ class _Replay(Exception):
     """Raised inside the write transaction when a concurrent request took the Idempotency-Key."""
 
 
+# --- who may reach a task ---------------------------------------------------------------------
+
+
+class UnknownTask(NotFound):
+    """A task that does not exist, or that the caller's session may not reach: one answer for
+    both, so another session (of the same principal or not) learns nothing about it."""
+
+    def __init__(self, task_id: str, task: Task | None = None) -> None:
+        super().__init__("no such task", code="unknown_task")
+        self.task_id = task_id
+        #: The task that exists but is not the caller's to reach (never shown to the caller).
+        self.task = task
+
+
+def reachable_task(conn: Tx, session: Session, task_id: str, *, for_update: bool = False) -> Task:
+    """The task, if ``session`` may reach it (:meth:`Task.reachable_from`); else
+    :class:`UnknownTask` for the caller to audit with :func:`audit_unreachable`."""
+    task = repo.get_task(conn, task_id, for_update=for_update)
+    if task is None or not task.reachable_from(session):
+        raise UnknownTask(task_id, task)
+    return task
+
+
+def audit_unreachable(
+    db: Database,
+    now: float,
+    session: Session,
+    refusal: UnknownTask,
+    action: str,
+    trace: TraceContext | None = None,
+) -> None:
+    """Record a refused reach for a task (``broker.request.denied``, code ``unknown_task``): in
+    the task's own trace when it exists, so its auditors see who tried."""
+    task = refusal.task
+    if task is None:
+        reason = "no_such_task"
+    elif task.requester == session.principal.key:
+        reason = "another_session"
+    else:
+        reason = "another_principal"
+    attributes: dict[str, Any] = {
+        "broker.request.kind": action,
+        "broker.request.task_id": refusal.task_id[:64],
+        "broker.principal.sub": session.principal.subject,
+        "broker.session.id": session.id,
+        "broker.refusal.code": refusal.code,
+        "broker.refusal.detail": refusal.detail,
+        "broker.refusal.reason": reason,
+    }
+    if task is not None:
+        attributes = {**task_attributes(task), **attributes}
+    with db.write() as conn:
+        record(
+            conn,
+            AuditEvent(
+                name=EventName.REQUEST_DENIED,
+                outcome=Outcome.DENIED,
+                time=now,
+                trace_id=task.trace_id if task else (trace.trace_id if trace else new_trace_id()),
+                parent_span_id=task.span_id if task else (trace.span_id if trace else None),
+                session_id=session.id,
+                task_id=task.id if task else None,
+                actor_issuer=session.principal.issuer,
+                actor_subject=session.principal.subject,
+                attributes=attributes,
+            ),
+        )
+
+
 # --- audit helpers shared with the approval service -------------------------------------------
 
 
@@ -419,7 +488,7 @@ class TaskService:
                     conn, principal.issuer, principal.subject, key
                 )
             if existing is not None:
-                return self._replay(existing, req)
+                return self._replay(session, existing, req, now)
         loaded, task = self._build(session, req, now)
         try:
             self._store(session, loaded, task, now)
@@ -433,7 +502,7 @@ class TaskService:
                 )
             if existing is None:  # pragma: no cover - the unique key was taken by this very row
                 raise
-            return self._replay(existing, req)
+            return self._replay(session, existing, req, now)
         if task.state is TaskState.DENIED:
             raise self._denied(task)
         return Submitted(task)
@@ -474,6 +543,9 @@ class TaskService:
             conversation_id=req.conversation_id,
             request_expires_at=now + template.approval.request_ttl,
             approvals_required=template.approval.required,
+            run_identity=session.run_identity,
+            share=template.share,
+            requester_persons=principal.persons,
         )
         if decision.state is TaskState.DENIED:
             task = replace(
@@ -528,7 +600,15 @@ class TaskService:
             extra={"task_id": task.id, "reason": task.reason},
         )
 
-    def _replay(self, existing: Task, req: TaskRequest) -> Submitted:
+    def _replay(self, session: Session, existing: Task, req: TaskRequest, now: float) -> Submitted:
+        if not existing.reachable_from(session):
+            # Another session's task: neither replayed to this one nor named.
+            refusal = Conflict(
+                "this Idempotency-Key was used by another session; use a new key",
+                code="idempotency_key_reused",
+            )
+            self._audit_refusal(session, req, refusal, now)
+            raise refusal
         if existing.request_hash != req.fingerprint():
             raise Conflict(
                 "this Idempotency-Key was used for a different request",
@@ -542,11 +622,13 @@ class TaskService:
     # --- read -----------------------------------------------------------------------------
 
     def get_own(self, session: Session, task_id: str) -> Task:
-        """One of the caller's tasks (a lapsed one is expired first)."""
-        with self.db.read() as conn:
-            task = repo.get_task(conn, task_id)
-        if task is None or task.requester != session.principal.key:
-            raise NotFound("no such task", code="unknown_task")
+        """One of the tasks the caller's session may reach (a lapsed one is expired first)."""
+        try:
+            with self.db.read() as conn:
+                task = reachable_task(conn, session, task_id)
+        except UnknownTask as refusal:
+            audit_unreachable(self.db, self.clock(), session, refusal, "read")
+            raise
         if lapsed(task, self.clock()):
             self.expire_due(ids=[task.id])
             with self.db.read() as conn:
@@ -576,14 +658,9 @@ class TaskService:
     def list_own(
         self, session: Session, states: list[TaskState] | None = None, limit: int = 100
     ) -> list[Task]:
+        """The tasks the caller's session may reach, newest first."""
         with self.db.read() as conn:
-            return repo.list_tasks(
-                conn,
-                issuer=session.principal.issuer,
-                subject=session.principal.subject,
-                states=states,
-                limit=limit,
-            )
+            return repo.list_tasks(conn, reachable_from=session, states=states, limit=limit)
 
     # --- expiry ---------------------------------------------------------------------------
 
@@ -626,10 +703,17 @@ class TaskService:
     def complete(self, session: Session, task_id: str, *, cancel: bool = False) -> Task:
         """End a task: completed (or cancelled before use) and everything it holds revoked."""
         now = self.clock()
+        try:
+            task = self._end(session, task_id, cancel=cancel, now=now)
+        except UnknownTask as refusal:
+            audit_unreachable(self.db, now, session, refusal, "cancel" if cancel else "complete")
+            raise
+        self.revoker.revoke_task(task, reason="task " + task.state.value)
+        return task
+
+    def _end(self, session: Session, task_id: str, *, cancel: bool, now: float) -> Task:
         with self.db.write() as conn:
-            task = repo.get_task(conn, task_id, for_update=True)
-            if task is None or task.requester != session.principal.key:
-                raise NotFound("no such task", code="unknown_task")
+            task = reachable_task(conn, session, task_id, for_update=True)
             target = (
                 TaskState.CANCELLED
                 if cancel or task.state is TaskState.PENDING
@@ -656,7 +740,6 @@ class TaskService:
                     attributes=task_attributes(task),
                 ),
             )
-        self.revoker.revoke_task(task, reason="task " + target.value)
         return task
 
     # --- audit ----------------------------------------------------------------------------

@@ -50,8 +50,19 @@ def insert_session(conn: Connection, session: Session, token_hash: str) -> None:
             "ended_at": session.ended_at,
             "trace_id": session.trace_id,
             "span_id": session.span_id,
+            "via": session.via,
+            "run_identity": session.run_identity,
+            "persons": _list_or_none(p.persons),
         },
     )
+
+
+def _list_or_none(values: Sequence[str] | None) -> list[str] | None:
+    return None if values is None else list(values)
+
+
+def _tuple_or_none(values: Any) -> tuple[str, ...] | None:
+    return None if values is None else tuple(str(v) for v in values)
 
 
 def _session(row: RowMapping) -> Session:
@@ -66,12 +77,15 @@ def _session(row: RowMapping) -> Session:
             groups=groups,
             roles=frozenset(row["roles"]),
             claims=claims,
+            persons=_tuple_or_none(row["persons"]),
         ),
         created_at=row["created_at"],
         expires_at=row["expires_at"],
         ended_at=row["ended_at"],
         trace_id=row["trace_id"],
         span_id=row["span_id"],
+        via=row["via"],
+        run_identity=row["run_identity"],
     )
 
 
@@ -105,6 +119,7 @@ def insert_task(conn: Connection, task: Task) -> bool:
     """Insert a task; False when its (issuer, subject, idempotency key) is already taken."""
     values = {f: getattr(task, f) for f in Task.__slots__}
     values["state"] = task.state.value
+    values["requester_persons"] = _list_or_none(task.requester_persons)
     if task.idempotency_key is None:
         conn.execute(insert(t.tasks), values)
         return True
@@ -119,6 +134,7 @@ def insert_task(conn: Connection, task: Task) -> bool:
 def _task(row: RowMapping) -> Task:
     values = {k: row[k] for k in Task.__slots__}
     values["state"] = TaskState(row["state"])
+    values["requester_persons"] = _tuple_or_none(row["requester_persons"])
     return Task(**values)
 
 
@@ -165,9 +181,19 @@ def list_tasks(
     subject: str | None = None,
     states: Iterable[TaskState] | None = None,
     session_id: str | None = None,
+    reachable_from: Session | None = None,
     limit: int = 100,
 ) -> list[Task]:
+    """Tasks newest first; ``reachable_from`` keeps those that session may reach
+    (:meth:`Task.reachable_from`, as one query)."""
     query = select(t.tasks)
+    if reachable_from is not None:
+        c = t.tasks.c
+        owner = reachable_from.principal
+        mine = (c.session_id == reachable_from.id) | (c.share == "principal")
+        if reachable_from.run_identity is not None:
+            mine = mine | (c.run_identity == reachable_from.run_identity)
+        query = query.where(c.issuer == owner.issuer, c.subject == owner.subject, mine)
     if issuer is not None:
         query = query.where(t.tasks.c.issuer == issuer)
     if subject is not None:
@@ -215,9 +241,9 @@ def insert_approval(conn: Connection, approval: Approval) -> bool:
     """Record a decision; False when this principal already decided this task."""
     try:
         with conn.begin_nested():
-            conn.execute(
-                insert(t.approvals).values({f: getattr(approval, f) for f in Approval.__slots__})
-            )
+            values = {f: getattr(approval, f) for f in Approval.__slots__}
+            values["persons"] = _list_or_none(approval.persons)
+            conn.execute(insert(t.approvals).values(values))
     except IntegrityError:
         return False
     return True
@@ -225,6 +251,8 @@ def insert_approval(conn: Connection, approval: Approval) -> bool:
 
 def update_approval(conn: Connection, approval_id: str, **values: Any) -> bool:
     """Refresh a decision (a stale approval renewed by the same approver)."""
+    if "persons" in values:
+        values["persons"] = _list_or_none(values["persons"])
     res = conn.execute(update(t.approvals).where(t.approvals.c.id == approval_id).values(**values))
     return res.rowcount == 1
 
@@ -235,7 +263,12 @@ def approvals_for(conn: Connection, task_id: str) -> list[Approval]:
         .where(t.approvals.c.task_id == task_id)
         .order_by(t.approvals.c.created_at)
     ).mappings()
-    return [Approval(**{k: r[k] for k in Approval.__slots__}) for r in rows]
+    return [
+        Approval(
+            **{**{k: r[k] for k in Approval.__slots__}, "persons": _tuple_or_none(r["persons"])}
+        )
+        for r in rows
+    ]
 
 
 # --- credentials ----------------------------------------------------------------------------

@@ -48,6 +48,12 @@ sessions = Table(
     Column("ended_at", Float),
     Column("trace_id", String(32), nullable=False),
     Column("span_id", String(16), nullable=False),
+    #: ``api`` or ``console``: where the session may be used (its token works nowhere else).
+    Column("via", String(16), nullable=False, default="api", server_default="api"),
+    #: A digest of the run the ID token was issued to (CI run, pod), when the issuer names one.
+    Column("run_identity", String(64)),
+    #: The principal's person values (``claims.person``); null when the issuer names none.
+    Column("persons", JSON),
 )
 
 tasks = Table(
@@ -80,6 +86,12 @@ tasks = Table(
     Column("mints", Integer, nullable=False, default=0),
     Column("decision_hash", String(64)),
     Column("approvals_required", Integer, nullable=False, default=0, server_default="0"),
+    #: The requesting session's run identity: later sessions of that run may reach the task.
+    Column("run_identity", String(64)),
+    #: ``session`` (default) or ``principal`` (the template shares it across sessions).
+    Column("share", String(16), nullable=False, default="session", server_default="session"),
+    #: The requester's persons when it asked (none of them may approve).
+    Column("requester_persons", JSON),
     UniqueConstraint("issuer", "subject", "idempotency_key", name="uq_tasks_idempotency"),
 )
 Index("ix_tasks_principal", tasks.c.issuer, tasks.c.subject, tasks.c.state)
@@ -99,6 +111,8 @@ approvals = Table(
     Column("template_hash", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("binding_hash", String(64)),
+    #: The approver's persons when they decided: one person is one approver.
+    Column("persons", JSON),
     UniqueConstraint("task_id", "issuer", "subject", name="uq_approvals_decider"),
 )
 

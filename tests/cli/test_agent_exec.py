@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from broker.devstack.processes import bao_binary
+from broker.store import repo
 from tests.support.agent_stack import AgentStack, agent_stack
 from tests.support.issuer import TestIssuer
 from tests.support.services import OpenBao
@@ -295,6 +296,53 @@ def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentSta
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == task_id
     assert stack.task_state(task_id) == "completed"
+
+
+def test_a_multi_step_agent_keeps_its_session_and_a_sibling_reaches_nothing(
+    stack: AgentStack,
+) -> None:
+    """One agent's separate `broker` processes reuse its cached session: `request --no-wait`,
+    then (once approved) `request --task` mints the task the first process asked for and
+    `complete` ends it. The same principal with another session cache (a sibling job on a
+    shared image) gets "no such task" from `status`, `request --task`, `exec --task` and
+    `complete`, and runs nothing. Each side opened exactly one session."""
+    asked = broker_cli(
+        stack, "request", "agent-test-manual", "--purpose", "step one", "--no-wait", sub="stepper"
+    )
+    assert asked.returncode == 3, asked.stderr
+    task_id = asked.stderr.split("broker request --task ")[1].split("`")[0]
+    stack.approve(task_id)
+
+    sibling = stack.env("stepper")
+    sibling["BROKER_SESSION_CACHE"] = str(stack.home / "sibling-sessions.json")
+    for args in (
+        ("status", task_id),
+        ("request", "--task", task_id),
+        ("exec", "--task", task_id, "--", "touch", str(stack.home / "sibling-ran")),
+        ("complete", task_id),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", *args],
+            env=sibling,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode != 0, (args, done.stdout)
+        assert "no such task" in done.stderr, (args, done.stderr)
+        assert "session (or CI run) that requested it" in done.stderr
+    assert not (stack.home / "sibling-ran").exists()
+    assert stack.task_state(task_id) == "approved"
+
+    minted = broker_cli(stack, "request", "--task", task_id, "-o", "json", sub="stepper")
+    assert minted.returncode == 0, minted.stderr
+    assert json.loads(minted.stdout)["task"]["id"] == task_id
+    assert broker_cli(stack, "complete", task_id, sub="stepper").returncode == 0
+    assert stack.task_state(task_id) == "completed"
+    with stack.broker.db.read() as conn:
+        starts = repo.audit_events(conn, name="broker.session.start", subject="stepper")
+    assert len(starts) == 2  # the agent's one session, and the sibling's one
 
 
 def test_a_denied_exec_says_why_and_runs_nothing(stack: AgentStack, tmp_path: Path) -> None:

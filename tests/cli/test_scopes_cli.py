@@ -22,9 +22,10 @@ def test_schema_is_a_valid_json_schema() -> None:
     schema = json.loads(result.stdout)
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["$schema"].endswith("2020-12/schema")
-    assert {"name", "backend", "parameters", "requester", "approval", "limits"} <= set(
+    assert {"name", "backend", "parameters", "requester", "approval", "limits", "share"} <= set(
         schema["properties"]
     )
+    assert schema["properties"]["share"]["enum"] == ["session", "principal"]
 
 
 def test_lint_is_clean_on_the_examples() -> None:

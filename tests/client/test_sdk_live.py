@@ -23,8 +23,10 @@ from broker.client import (
     ClientConfig,
     FileIdToken,
     Grant,
+    NotFound,
     RateLimited,
     RequestDenied,
+    SessionCache,
     TaskExpired,
     credentials,
 )
@@ -239,3 +241,33 @@ def test_a_session_ended_elsewhere_is_renewed_transparently(stack: AgentStack) -
         me = client.whoami()
         assert me.subject == "renew-agent"
         assert client.login().token != first.token
+
+
+def test_steps_across_clients_keep_one_session_and_a_sibling_reaches_nothing(
+    stack: AgentStack,
+) -> None:
+    """An agent asks in one client, and a second client of the same agent (another process,
+    the same session cache) resumes the task once approved: one session serves both. A client of
+    the same identity with its own session (a sibling job) gets ``NotFound`` for the task, its
+    listing does not show it, and it cannot complete it; the task is completed by its owner."""
+    with stack.client("stepwise") as first:
+        task = first.request_task("agent-test-manual", purpose="in two steps")
+        session = first.login()
+    stack.approve(task.id)
+    with stack.client("stepwise") as second:
+        assert second.login().token == session.token
+        with second.resume(task.id, wait_timeout=30) as grant:
+            assert read_demo(stack, grant) == "world"
+            sibling = BrokerClient(
+                ClientConfig(broker_url=stack.url, timeout=20),
+                id_token_source=FileIdToken(stack.token_file("stepwise")),
+                session_cache=SessionCache(stack.home / "sibling-sdk.json"),
+            )
+            with sibling:
+                assert sibling.login().token != session.token
+                assert task.id not in {t.id for t in sibling.tasks()}
+                for step in (sibling.get_task, sibling.mint, sibling.complete):
+                    with pytest.raises(NotFound):
+                        step(task.id)
+            assert stack.task_state(task.id) == "active"
+    assert stack.task_state(task.id) == "completed"

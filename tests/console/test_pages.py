@@ -50,22 +50,23 @@ def access_events(stack: Stack) -> list[dict[str, Any]]:
 
 
 def test_pages_follow_the_roles_from_the_identity_provider(stack: Stack) -> None:
-    """Someone with no approver or auditor role sees their own requests and gets a 403 page on
-    the approvals and audit pages (the audit refusal is audited, as in the API); an approver
+    """Someone with no approver or auditor role gets a 403 page on the approvals and audit
+    pages, naming the missing role and where roles are configured (the audit refusal is audited,
+    as in the API); their console session does not reach the task their API session requested
+    (a task belongs to the session that asked for it: no list, and a 404 page). An approver
     lands on the approvals page, an auditor on the audit page."""
     agent = stack.agent("dev-1", groups=["developers"], broker_roles=["agent"])
     task = agent.request("deploy-notes", NOTES, "my own request")
     with person(stack, "dev-1", ["agent"], "developers") as client:
         home = client.get("/ui")
         assert home.status_code == 200
-        assert task["id"] in home.text
-        own = client.get(f"/ui/tasks/{task['id']}")
-        assert "You requested this task: someone else decides it." in own.text
-        assert 'id="decide"' not in own.text
+        assert task["id"] not in home.text
+        assert client.get(f"/ui/tasks/{task['id']}").status_code == 404
         for path in ("/ui/approvals", "/ui/audit"):
             refused = client.get(path)
             assert refused.status_code == 403
             assert "Not for your roles" in refused.text
+            assert "claims.role_rules" in refused.text
     refusals = [e for e in access_events(stack) if e["outcome"] == "denied"]
     assert any(e.get("broker.audit.filter.code") == "auditor_role_required" for e in refusals)
     with person(stack, "sam", ["approver"], "sre") as client:

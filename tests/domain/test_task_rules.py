@@ -116,6 +116,28 @@ def test_tally_counts_distinct_fresh_bound_approvals() -> None:
     assert both.expires_at == 50 + 300  # the oldest approval bounds the grant
 
 
+def test_tally_counts_people_not_identities() -> None:
+    """Approvals sharing a person value count once, whichever identities they came from; one
+    sharing a person with the requester (the actor who triggered its run) never counts; an
+    approval without persons is told apart by its identity alone."""
+    now = 200.0
+    task = replace(TASK, requester_persons=("octocat",))
+    kw = {"task": task, "required": 2, "approval_ttl": 300, "now": now}
+
+    def by(sub: str, *persons: str, issuer: str = "https://idp", **more: Any) -> Approval:
+        return approval(sub, issuer=issuer, persons=persons or None, **more)
+
+    alice = by("alice", "alice@corp.example")
+    alice_hr = by("emp-1", "alice@corp.example", issuer="https://hr", at=150)
+    assert not tally([alice, alice_hr], **kw).met
+    assert len(tally([alice, alice_hr], **kw).counted) == 1
+    assert tally([alice, by("bob", "bob@corp.example")], **kw).met
+    octo = by("oscar", "oscar@corp.example", "octocat")
+    assert not tally([alice, octo], **kw).met  # the requester's person
+    assert tally([alice, by("p-2")], **kw).met  # no persons: identity only
+    assert tally([approval("a"), approval("b")], task=TASK, required=2, approval_ttl=300, now=now)
+
+
 def test_ttl() -> None:
     """Default when not asked; what was asked within the template's and the global cap."""
     template = ScopeTemplate.model_validate(MANUAL)

@@ -216,3 +216,53 @@ def test_a_pending_task_runs_once_a_human_approves(stack: AgentStack) -> None:
     assert ran["exit_code"] == 0
     assert ran["stdout"].strip() == pending["task_id"]
     assert stack.task_state(pending["task_id"]) == "completed"
+
+
+def test_one_conversation_keeps_its_session_and_another_reaches_nothing(
+    stack: AgentStack,
+) -> None:
+    """Every tool call of one MCP server (request, status, run, complete) works on its task with
+    one session: the request, the issuance and the run are all recorded under the same session.
+    A second server of the same identity with its own session (another conversation) cannot
+    read, run with or complete that task: each tool answers that there is no such task."""
+    sibling_env = stack.env("mcp-steps")
+    sibling_env["BROKER_SESSION_CACHE"] = str(stack.home / "mcp-sibling-sessions.json")
+    sibling = StdioServerParameters(
+        command=sys.executable, args=["-m", "broker", "mcp"], env=sibling_env
+    )
+
+    async def main() -> tuple[str, list[dict[str, Any]]]:
+        async with Client(server_params(stack, "mcp-steps")) as client:
+            convo = Conversation(client)
+            pending = await convo.call(
+                "request", scope="agent-test-manual", purpose="several steps", wait_seconds=0
+            )
+            task_id = str(pending["task_id"])
+            async with Client(sibling) as other:
+                intruder = Conversation(other)
+                refused = [
+                    await intruder.call("status", task_id=task_id),
+                    await intruder.call("run", task_id=task_id, command=["true"]),
+                    await intruder.call("complete", task_id=task_id),
+                ]
+            await anyio.to_thread.run_sync(stack.approve, task_id)
+            assert (await convo.call("status", task_id=task_id, wait_seconds=10))["state"] == (
+                "approved"
+            )
+            ran = await convo.call("run", task_id=task_id, command=["true"])
+            assert ran["exit_code"] == 0, ran
+            assert (await convo.call("complete", task_id=task_id))["state"] == "completed"
+            return task_id, refused
+
+    task_id, refused = anyio.run(main)
+    for answer in refused:
+        assert "no such task" in answer["error"], answer
+    owner = {
+        e["session_id"]
+        for e in stack.events(task_id)
+        if e["name"] in ("broker.task.request", "broker.credential.issue", "broker.credential.use")
+    }
+    assert len(owner) == 1 and None not in owner
+    denied = stack.events(task_id, "broker.request.denied")
+    assert {e["attributes"]["broker.refusal.reason"] for e in denied} == {"another_session"}
+    assert {e["session_id"] for e in denied}.isdisjoint(owner)

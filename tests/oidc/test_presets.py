@@ -38,6 +38,25 @@ def test_github_defaults() -> None:
     assert issuer.roles == ["agent"]
 
 
+def test_presets_name_the_run_and_the_person() -> None:
+    """GitHub's run is run_id + run_attempt and its person the actor; GitLab's run is the
+    pipeline's job and its person the user; a Kubernetes run is the pod; a generic issuer names
+    neither unless told. An entry's own claim mapping keeps the preset's run and person."""
+    pin = {"all": [{"claim": "repository_owner", "equals": "acme"}]}
+    github = conf("github-actions", pin, claims={"roles": "broker_roles"})
+    assert github.claims.run_identity == ["run_id", "run_attempt"]
+    assert github.claims.person == ["actor"]
+    gitlab = conf("gitlab-ci", {"all": [{"claim": "namespace_id", "equals": "1"}]})
+    assert (gitlab.claims.run_identity, gitlab.claims.person) == (
+        ["pipeline_id", "job_id"],
+        ["user_login"],
+    )
+    k8s = conf("kubernetes", {"all": [{"claim": "kubernetes.io.namespace", "equals": "a"}]})
+    assert (k8s.claims.run_identity, k8s.claims.person) == (["kubernetes.io.pod.uid"], [])
+    generic = conf("generic", None, issuer="https://idp.example.com", claims={"person": "email"})
+    assert (generic.claims.run_identity, generic.claims.person) == ([], ["email"])
+
+
 def test_explicit_values_win_over_the_preset() -> None:
     """What the entry says wins: a GitHub Enterprise issuer URL, another display claim."""
     issuer = conf(
@@ -297,6 +316,6 @@ def test_the_documented_examples_load() -> None:
     for block in blocks:
         text = block if block.startswith("issuers:") else "issuers:\n" + block
         entries.extend(yaml.safe_load(text)["issuers"])
-    assert len(entries) == 5
+    assert len(entries) == 6
     for entry in entries:
         IssuerConfig(**entry)

@@ -119,6 +119,58 @@ def test_roles_from_configuration_and_claims(
     assert principal.groups == ("sre",)
 
 
+def test_persons_from_the_person_claims(
+    idp: TestIssuer, make_verifier: MakeVerifier, fake_time: FakeTime
+) -> None:
+    """``claims.person`` names who the holder is, case-folded: an e-mail only when
+    ``email_verified`` is true (the string "true" too), any other claim as it is; none named
+    means None (identity rule), named but absent means no person (an empty tuple)."""
+    verifier = make_verifier(idp.issuer_config(claims={"person": ["email", "employee_id"]}))
+
+    def persons(**claims: Any) -> tuple[str, ...] | None:
+        return verifier.verify(tok(idp, fake_time.wall, **claims)).principal.persons
+
+    assert persons(email="Ann@Corp.Example", email_verified=True) == ("ann@corp.example",)
+    assert persons(email="ann@corp.example", email_verified="true", employee_id=1234) == (
+        "ann@corp.example",
+        "1234",
+    )
+    assert persons(email="ann@corp.example") == ()
+    assert persons(email="ann@corp.example", email_verified=False, employee_id="E-7") == ("e-7",)
+    assert persons(employee_id=True) == ()
+    plain = make_verifier(idp.issuer_config(name="plain"))
+    assert (
+        plain.verify(tok(idp, fake_time.wall, email="a@b", email_verified=True)).principal.persons
+        is None
+    )
+
+
+def test_run_identity_from_the_run_claims(idp: TestIssuer) -> None:
+    """The run identity is a digest of every configured run claim (numbers and strings alike),
+    different per run and attempt, and absent when any claim is missing or none is configured."""
+    from broker.oidc.trust import run_identity_of
+    from broker.settings import IssuerConfig
+
+    config = IssuerConfig(**idp.issuer_config(claims={"run_identity": ["run_id", "run_attempt"]}))
+    one = run_identity_of(config, {"run_id": 42, "run_attempt": "1"})
+    assert one is not None and len(one) == 64
+    assert one == run_identity_of(config, {"run_id": "42", "run_attempt": 1})
+    assert one != run_identity_of(config, {"run_id": 42, "run_attempt": "2"})
+    assert run_identity_of(config, {"run_id": 42}) is None
+    assert run_identity_of(config, {"run_id": 42, "run_attempt": True}) is None
+    assert run_identity_of(IssuerConfig(**idp.issuer_config()), {"run_id": 42}) is None
+    pod = IssuerConfig(
+        name="k",
+        preset="kubernetes",
+        issuer="https://k8s.example",
+        audiences=["broker"],
+        trust={"all": [{"claim": "kubernetes.io.namespace", "equals": "agents"}]},
+    )
+    claims = {"kubernetes.io": {"namespace": "agents", "pod": {"uid": "1-2-3"}}}
+    assert run_identity_of(pod, claims) is not None
+    assert run_identity_of(pod, {"kubernetes.io": {"namespace": "agents"}}) is None
+
+
 def test_subject_from_another_claim(
     idp: TestIssuer, make_verifier: MakeVerifier, fake_time: FakeTime
 ) -> None:

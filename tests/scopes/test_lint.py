@@ -291,3 +291,41 @@ def test_the_catalog_reloads_and_hashes_meaning(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("owner: tests\n", ""))
     assert catalog.all() == []
     assert catalog.problems[0].field == "owner"
+
+
+def test_sharing_across_sessions_is_explicit_and_warned_for_manual_scopes(tmp_path: Path) -> None:
+    """``share`` is ``session`` or ``principal`` (anything else is a schema error); a manual
+    scope shared across the requester's sessions is a warning (an approval for one request then
+    serves every session of the requester), an automatic one is clean."""
+    manual = (
+        "approval:\n  mode: manual\n  count: 1\n  approvers:\n    all: [{claim: sub, regex: x}]\n"
+    )
+    shared = lint(tmp_path, VAULT + REQUESTER + "risk: medium\nshare: principal\n" + manual)
+    warning = only(shared, "warning")
+    assert (warning.rule, warning.field) == ("share-principal", "share")
+    assert lint(tmp_path, VAULT + REQUESTER + "share: principal\n") == []
+    bad = only(lint(tmp_path, VAULT + REQUESTER + "share: everyone\n"))
+    assert bad.field == "share"
+
+
+def test_the_share_default_keeps_older_hashes(tmp_path: Path) -> None:
+    """A template that does not say ``share`` hashes as before the field existed (its tasks'
+    approvals stay valid across the upgrade); saying ``share: session`` changes nothing, saying
+    ``principal`` changes the hash."""
+    import hashlib
+
+    from broker.domain.audit import canonical_json
+
+    path = tmp_path / "tpl.yaml"
+    path.write_text(HEAD.format(name="tpl") + VAULT + REQUESTER)
+    loaded, _ = parse_template(path)
+    assert loaded is not None
+    before = loaded.template.model_dump(mode="json")
+    del before["share"]
+    assert loaded.content_hash == hashlib.sha256(canonical_json(before)).hexdigest()
+    path.write_text(path.read_text() + "share: session\n")
+    same, _ = parse_template(path)
+    assert same is not None and same.content_hash == loaded.content_hash
+    path.write_text(path.read_text().replace("share: session", "share: principal"))
+    other, _ = parse_template(path)
+    assert other is not None and other.content_hash != loaded.content_hash

@@ -38,7 +38,7 @@ from broker.api.console.security import (
     safe_next,
 )
 from broker.domain.audit import canonical_json
-from broker.domain.principal import Principal
+from broker.domain.principal import Principal, role_refusal
 from broker.domain.records import Session, Task
 from broker.errors import (
     AuthenticationFailed,
@@ -52,6 +52,7 @@ from broker.oidc.errors import IssuerUnavailable, TokenRefused
 from broker.oidc.relying_party import RelyingParty, SignInFailed, pkce_challenge
 from broker.oidc.verifier import VerifiedToken
 from broker.services.approvals import APPROVER_ROLE, MAX_REASON, ApprovalView
+from broker.services.sessions import VIA_CONSOLE
 from broker.store import repo
 from broker.wiring import Broker
 
@@ -190,13 +191,9 @@ class Console:
         return self.render("message.html", viewer, status=status, title=title, text=text, link=link)
 
     def forbidden(self, viewer: Viewer, role: str) -> HTMLResponse:
+        detail = role_refusal(viewer.principal, role, doing="this page").detail
         return self.message(
-            viewer,
-            "Not for your roles",
-            f"This page is for people with the {role} role. Your identity provider gave you: "
-            + (", ".join(viewer.roles) or "no broker role")
-            + ".",
-            status=403,
+            viewer, "Not for your roles", detail[:1].upper() + detail[1:] + ".", status=403
         )
 
     # --- sessions -----------------------------------------------------------------------
@@ -207,7 +204,8 @@ class Console:
         if not token or len(token) > 512:
             return None
         try:
-            session = self.broker.sessions.resolve(token)
+            # An API session's token pasted into the cookie drives nothing here.
+            session = self.broker.sessions.resolve(token, via=VIA_CONSOLE)
         except AuthenticationFailed:
             return None  # resolve() audited why
         return Viewer(session, token)
@@ -335,7 +333,7 @@ class Console:
             def check(verified: VerifiedToken) -> None:
                 self._check_sign_in(verified, sign_in)
 
-            issued = self.broker.sessions.exchange(id_token, check=check, via="console")
+            issued = self.broker.sessions.exchange(id_token, check=check, via=VIA_CONSOLE)
         except SignInFailed as exc:
             log.info("console sign-in refused by the provider: %s", exc.internal)
             return self._sign_in_failed("code_refused", exc.detail)
@@ -407,8 +405,9 @@ class Console:
             return RedirectResponse("/ui/approvals", status_code=303)
         if viewer.can(AUDITOR_ROLE):
             return RedirectResponse("/ui/audit", status_code=303)
-        own = self.broker.tasks.list_own(viewer.session, limit=50)
-        return self.render("home.html", viewer, own=own)
+        # A console session requests nothing, so it owns no task: an agent's tasks belong to
+        # the session (or run) that asked for them, and `broker tasks` lists them there.
+        return self.render("home.html", viewer)
 
     def approvals(self, viewer: Viewer) -> Response:
         if not viewer.can(APPROVER_ROLE):
@@ -432,11 +431,6 @@ class Console:
                 task = approval.task
             except NotFound:
                 approval = None
-        if task is None:
-            try:
-                task = broker.tasks.get_own(viewer.session, task_id)
-            except NotFound:
-                task = None
         trace: Any = None
         if viewer.can(AUDITOR_ROLE):
             from broker.api.routes.audit import task_trace

@@ -11,24 +11,17 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from broker.api.deps import BrokerDep, SessionDep
+from broker.api.deps import BrokerDep, require_role
 from broker.api.models import CredentialOut, TaskOut
 from broker.domain.records import Session
 from broker.domain.task import CredentialState
-from broker.errors import Forbidden, ServiceUnavailable
+from broker.errors import ServiceUnavailable
 from broker.services.kill_switch import KillSwitch
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
-def require_admin(session: SessionDep) -> Session:
-    """The caller's session, if it holds the ``admin`` role."""
-    if not session.principal.has_role("admin"):
-        raise Forbidden("this needs the admin role", code="admin_required")
-    return session
-
-
-AdminDep = Annotated[Session, Depends(require_admin)]
+AdminDep = Annotated[Session, Depends(require_role("admin", "administering the broker"))]
 
 
 class Reason(BaseModel):

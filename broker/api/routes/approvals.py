@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.api.deps import BrokerDep, SessionDep
+from broker.api.deps import ApproverDep, BrokerDep, SessionDep
 from broker.api.models import ApprovalOut, TaskOut
 from broker.services.approvals import MAX_REASON, ApprovalView
 
@@ -60,14 +60,14 @@ class ApprovalTaskOut(BaseModel):
 
 @router.get("", response_model=list[ApprovalTaskOut])
 def pending(
-    session: SessionDep, broker: BrokerDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    session: ApproverDep, broker: BrokerDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> list[ApprovalTaskOut]:
     """Pending tasks the caller may decide now (approver role, the scope's rule, not their own)."""
     return [ApprovalTaskOut.of(v) for v in broker.approvals.pending_for(session, limit=limit)]
 
 
 @router.get("/{task_id}", response_model=ApprovalTaskOut)
-def detail(task_id: str, session: SessionDep, broker: BrokerDep) -> ApprovalTaskOut:
+def detail(task_id: str, session: ApproverDep, broker: BrokerDep) -> ApprovalTaskOut:
     """One task that needs approvers, in any state, with every decision so far."""
     return ApprovalTaskOut.of(broker.approvals.view(session, task_id))
 

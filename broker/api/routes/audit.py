@@ -14,8 +14,9 @@ from pydantic import BaseModel
 
 from broker.api.deps import BrokerDep, SessionDep
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_trace_id
+from broker.domain.principal import role_refusal
 from broker.domain.records import Session
-from broker.errors import Forbidden, NotFound, ValidationFailed
+from broker.errors import NotFound, ValidationFailed
 from broker.services.common import record
 from broker.store import repo
 from broker.wiring import Broker
@@ -57,9 +58,7 @@ def require_auditor(session: SessionDep, broker: BrokerDep) -> Session:
     """The caller's session, if its principal is an auditor; a refusal is audited."""
     if not session.principal.has_role("auditor"):
         _audit_access(broker, session, "refused", Outcome.DENIED, code="auditor_role_required")
-        raise Forbidden(
-            "reading the audit record needs the auditor role", code="auditor_role_required"
-        )
+        raise role_refusal(session.principal, "auditor", doing="reading the audit record")
     return session
 
 

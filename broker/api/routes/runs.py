@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from broker.api.deps import BrokerDep, SessionDep, TraceDep
+from broker.api.deps import AgentDep, BrokerDep, TraceDep
 from broker.services.runs import RunReport, RunService, ToolUse
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -64,7 +64,7 @@ class ExecReportOut(BaseModel):
 
 @router.post("/{task_id}/exec", status_code=201, response_model=ExecReportOut)
 def report_exec(
-    task_id: str, body: ExecReportIn, session: SessionDep, broker: BrokerDep, trace: TraceDep
+    task_id: str, body: ExecReportIn, session: AgentDep, broker: BrokerDep, trace: TraceDep
 ) -> ExecReportOut:
     """Record a run (command, exit status, times) as a ``broker.credential.use`` span, and each
     use its tools report (the git credential helper's) as a child span of it."""

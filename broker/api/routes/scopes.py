@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from broker.api.deps import BrokerDep, SessionDep
+from broker.api.deps import AgentDep, BrokerDep
 from broker.domain.scope import Parameter, ParamType
 from broker.domain.task import condition_claims
 from broker.errors import NotFound
@@ -61,6 +61,8 @@ def describe(loaded: LoadedTemplate) -> dict[str, Any]:
         "ttl": t.ttl.model_dump(),
         "max_uses": t.max_uses,
         "max_active_tasks": t.max_active_tasks,
+        #: Who may reach its tasks: the requesting session (or run), or any of your sessions.
+        "share": t.share,
         "limits": t.limits.model_dump(),
         "approval": {
             "mode": t.approval.mode,
@@ -75,14 +77,14 @@ def describe(loaded: LoadedTemplate) -> dict[str, Any]:
 
 
 @router.get("")
-def list_scopes(session: SessionDep, broker: BrokerDep) -> list[dict[str, Any]]:
+def list_scopes(session: AgentDep, broker: BrokerDep) -> list[dict[str, Any]]:
     """The templates the caller may request, with parameter schema, limits and approval rule."""
     claims = condition_claims(session.principal)
     return [describe(lt) for lt in broker.catalog.all() if lt.template.requester.evaluate(claims)]
 
 
 @router.get("/{name}")
-def get_scope(name: str, session: SessionDep, broker: BrokerDep) -> dict[str, Any]:
+def get_scope(name: str, session: AgentDep, broker: BrokerDep) -> dict[str, Any]:
     """One template the caller may request (404 for one they may not: names are not disclosed)."""
     loaded = broker.catalog.get(name)
     if not loaded.template.requester.evaluate(condition_claims(session.principal)):

@@ -34,6 +34,8 @@ def current(session: SessionDep) -> SessionOut:
         roles=sorted(p.roles),
         created_at=session.created_at,
         expires_at=session.expires_at,
+        via=session.via,
+        run_bound=session.run_identity is not None,
     )
 
 

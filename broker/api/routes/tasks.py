@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from broker.api.deps import BrokerDep, SessionDep, TraceDep
+from broker.api.deps import AgentDep, BrokerDep, TraceDep
 from broker.api.models import ApprovalOut, CredentialOut, TaskCreate, TaskOut
 from broker.domain.task import TaskState
 from broker.services.tasks import TaskRequest
@@ -37,7 +37,7 @@ POLL_INTERVAL = 0.25
 )
 def create_task(
     body: TaskCreate,
-    session: SessionDep,
+    session: AgentDep,
     broker: BrokerDep,
     trace: TraceDep,
     idempotency_key: IdempotencyKey = None,
@@ -71,7 +71,7 @@ def create_task(
 
 @router.get("", response_model=list[TaskOut])
 def list_tasks(
-    session: SessionDep,
+    session: AgentDep,
     broker: BrokerDep,
     state: Annotated[list[TaskState] | None, Query(description="Only these states.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -83,7 +83,7 @@ def list_tasks(
 @router.get("/{task_id}", response_model=TaskOut)
 async def get_task(
     task_id: str,
-    session: SessionDep,
+    session: AgentDep,
     broker: BrokerDep,
     wait: Annotated[
         int,
@@ -109,7 +109,7 @@ async def get_task(
 
 @router.post("/{task_id}/credentials", status_code=201, response_model=CredentialOut)
 def mint(
-    task_id: str, session: SessionDep, broker: BrokerDep, idempotency_key: IdempotencyKey = None
+    task_id: str, session: AgentDep, broker: BrokerDep, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Mint the task's credential (once per approval). The secret is in this response only."""
     issued = broker.credentials.mint(session, task_id, idempotency_key)
@@ -122,12 +122,12 @@ def mint(
 
 
 @router.post("/{task_id}/complete", response_model=TaskOut)
-def complete(task_id: str, session: SessionDep, broker: BrokerDep) -> TaskOut:
+def complete(task_id: str, session: AgentDep, broker: BrokerDep) -> TaskOut:
     """End the task and revoke everything it holds."""
     return TaskOut.of(broker.tasks.complete(session, task_id))
 
 
 @router.post("/{task_id}/cancel", response_model=TaskOut)
-def cancel(task_id: str, session: SessionDep, broker: BrokerDep) -> TaskOut:
+def cancel(task_id: str, session: AgentDep, broker: BrokerDep) -> TaskOut:
     """Withdraw a request (or give up an unused approval); anything minted is revoked."""
     return TaskOut.of(broker.tasks.complete(session, task_id, cancel=True))

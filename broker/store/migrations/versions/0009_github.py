@@ -1,7 +1,7 @@
 """github: sealed revocation material on credentials (GitHub installation tokens)
 
 Revision ID: 0009_github
-Revises: 0004_minting_lifecycle
+Revises: 0006_ownership
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009_github"
-down_revision = "0004_minting_lifecycle"
+down_revision = "0006_ownership"
 branch_labels = None
 depends_on = None
 
