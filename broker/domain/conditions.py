@@ -7,7 +7,9 @@ A condition names a claim (a dotted path into the verified claims) and exactly o
 - ``glob``: shell-like, always matched against the whole value: ``*`` matches any run of
   characters except ``/``, ``**`` matches any run including ``/``, ``?`` one character except
   ``/``; every other character is literal (no classes, no braces);
-- ``regex``: a Python regular expression that must match the *whole* value (``re.fullmatch``);
+- ``regex``: a regular expression that must match the *whole* value; it runs on RE2
+  (:mod:`broker.domain.patterns`), in time linear in the claim, so a pattern that would need
+  backtracking (backreferences, lookaround) is refused when the configuration loads;
 - ``cel``: a CEL expression (cel-python) over ``claims`` that must evaluate to ``true``; it takes
   no ``claim``. In an approver rule, ``requester`` holds the requester's claims, so
   ``claims.team == requester.team`` keeps approvals inside a team.
@@ -27,6 +29,8 @@ from typing import Any
 import celpy
 from celpy.adapter import json_to_cel
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from broker.domain.patterns import LinearPattern
 
 _MISSING = object()
 
@@ -144,10 +148,7 @@ class Condition(BaseModel):
             self._test = lambda c, _: any(s in allowed for s in _strings(claim_value(c, path)))
         else:
             source = glob_to_regex(str(self.glob)) if kind == "glob" else str(self.regex)
-            try:
-                compiled = re.compile(source, re.DOTALL)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
+            compiled = LinearPattern(source, dot_matches_newline=True)
             self._test = lambda c, _: any(
                 compiled.fullmatch(s) for s in _strings(claim_value(c, path))
             )
