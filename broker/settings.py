@@ -521,7 +521,7 @@ class AuthLimitSettings(BaseModel):
     #: Failures one client address may cause per window; then it is refused (429) until the
     #: window ends.
     per_address: int = Field(default=30, ge=1, le=1_000_000)
-    #: Failures naming one issuer per window; beyond it every address failing against that
+    #: Failures naming one issuer per window; from then on every address failing against that
     #: issuer is refused until the window ends (addresses without failures are not).
     per_issuer: int = Field(default=300, ge=1, le=10_000_000)
     #: The window, in seconds, of both limits and of the audit summaries.

@@ -7,9 +7,10 @@ would turn that lock into everyone's bottleneck and the audit log into noise. So
 - **Throttling.** Every failure the client caused (not an outage on the broker's side) counts in
   fixed windows of ``auth_limits.window`` seconds against the client's address and, when the
   token named a configured issuer, against that issuer, in the store's shared rate counters
-  (one atomic upsert, so replicas agree). An address over ``per_address`` failures is refused
-  with 429 until the window ends, before any of its tokens is looked at. An issuer over
-  ``per_issuer`` failures marks every address that fails against it for the rest of the window,
+  (one atomic upsert, so replicas agree). An address that has caused ``per_address`` failures
+  is refused with 429 until the window ends, before any of its tokens is looked at. An issuer
+  with ``per_issuer`` failures marks every address that fails against it for the rest of the
+  window,
   and leaves addresses without failures alone: a flood of forged tokens naming an issuer cannot
   lock out that issuer's healthy agents. A replica remembers a block in memory and learns of a
   block another replica imposed at that address's next failure (the shared count says so), so a
@@ -159,10 +160,10 @@ class AuthGuard:
         with self._lock:
             if len(self._opened) < MAX_TRACKED:
                 self._opened.add(summary)
-            if by_address > self.limits.per_address:
+            if by_address >= self.limits.per_address:
                 self._blocked[source] = until
             if issuer is not None:
-                if by_issuer > self.limits.per_issuer:
+                if by_issuer >= self.limits.per_issuer:
                     self._flooded[issuer] = until
                 if self._flooded.get(issuer, 0.0) > now:
                     self._blocked[source] = until

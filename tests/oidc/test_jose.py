@@ -17,7 +17,7 @@ from broker.oidc.jose import MalformedInput, strict_json
         '{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[["}',  # brackets inside a string do not nest
         '{"a": "\\"[[[[[[[[[[[[[[[[[[[[[[[[[["}',  # nor after an escaped quote
         '{"a\\\\": [[[[[[[[[[[[[[1]]]]]]]]]]]]]]}',  # an escaped backslash ends before the quote
-        '[' * 16 + ']' * 16,
+        "[" * 16 + "]" * 16,
     ],
 )
 def test_what_is_not_too_deep_parses(text: str) -> None:

@@ -158,4 +158,6 @@ def test_at_most_two_signature_checks_per_token(
     verifier = make_verifier(idp.issuer_config())
     claims = claims_for(idp, fake_time.wall)
     assert verifier.verify(forge({"alg": "ES256", "kid": kid}, claims, key=idp.keys[0]))
-    refused(verifier, forge({"alg": "ES256", "kid": kid}, claims, key=extra[1]), "invalid_signature")
+    refused(
+        verifier, forge({"alg": "ES256", "kid": kid}, claims, key=extra[1]), "invalid_signature"
+    )
