@@ -491,7 +491,7 @@ class HttpSettings(BaseModel):
     public_docs: bool = False
     #: Requests doing authentication work (verifying a subject token, resolving a session
     #: token, auditing a refusal) at once; others wait without holding a thread.
-    auth_concurrency: int = Field(default=8, ge=1, le=256)
+    auth_concurrency: int = Field(default=4, ge=1, le=256)
     #: Requests that may wait for that work; beyond it the broker answers 503 at once.
     auth_queue: int = Field(default=512, ge=0, le=100_000)
 

@@ -181,16 +181,48 @@ class Condition(BaseModel):
         return f"{self.claim} {kind} {value!r}"
 
 
+#: CEL macros and methods on a map: an expression calling one on ``claims`` reads all of it.
+_WHOLE_MAP_METHODS = frozenset({"all", "exists", "exists_one", "map", "filter", "size"})
+_FIELD = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\()?")
+
+
+def referenced_keys(expression: str, variable: str) -> frozenset[str] | None:
+    """The top-level keys of ``variable`` a CEL expression can read, or None for all of them.
+
+    Handing CEL only the claims an expression names keeps its cost in proportion to what the
+    rule reads: converting every claim of a large token into CEL values is slow (pure Python),
+    and the claims are the token holder's choice. Any use other than ``variable.name`` (an
+    index, a macro on the map itself, the map passed whole) means every key.
+    """
+    keys: set[str] = set()
+    for found in re.finditer(rf"\b{variable}\b", expression):
+        field = _FIELD.match(expression, found.end())
+        if field is None or field.group(2) or field.group(1) in _WHOLE_MAP_METHODS:
+            return None
+        keys.add(field.group(1))
+    return frozenset(keys)
+
+
+def _cel_map(values: Mapping[str, Any], keys: frozenset[str] | None) -> Any:
+    picked = dict(values) if keys is None else {k: values[k] for k in keys if k in values}
+    return json_to_cel(picked)
+
+
 def _compile_cel(expression: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]], bool]:
     env = celpy.Environment()
     try:
         program = env.program(env.compile(expression))
     except Exception as exc:
         raise ValueError(f"invalid CEL expression: {str(exc).splitlines()[0]}") from None
+    claim_keys = referenced_keys(expression, "claims")
+    requester_keys = referenced_keys(expression, "requester")
 
     def test(claims: Mapping[str, Any], requester: Mapping[str, Any]) -> bool:
         result = program.evaluate(
-            {"claims": json_to_cel(dict(claims)), "requester": json_to_cel(dict(requester))}
+            {
+                "claims": _cel_map(claims, claim_keys),
+                "requester": _cel_map(requester, requester_keys),
+            }
         )
         return isinstance(result, celpy.celtypes.BoolType) and bool(result)
 

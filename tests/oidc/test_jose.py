@@ -53,3 +53,11 @@ def test_hostile_string_soup_is_refused_as_invalid_json(text: str) -> None:
     """Unterminated strings and quote soup are not JSON: refused, never another exception."""
     with pytest.raises(MalformedInput):
         strict_json(text.encode())
+
+
+def test_non_ascii_text_around_brackets_does_not_count() -> None:
+    """Characters outside ASCII between brackets are neither brackets nor nesting."""
+    strict_json(("[" * 10 + "1" + "]" * 10).encode())
+    strict_json(('{"a": ' + "[" * 15 + '"ü€😀"' + "]" * 15 + ', "b": "' + "é" * 50 + '"}').encode())
+    with pytest.raises(MalformedInput, match="nested deeper"):
+        strict_json(("[" * 17 + '"ü"' + "]" * 17).encode())
