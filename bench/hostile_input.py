@@ -316,7 +316,7 @@ def flood(url: str, tokens: list[str], seconds: float, distributed: bool) -> dic
     }
 
 
-def over_http(rounds: int, flood_seconds: float) -> dict[str, Any]:
+def over_http(rounds: int, flood_seconds: float, auth_concurrency: int) -> dict[str, Any]:
     issuer, crowded = TestIssuer().start(), TestIssuer().start()
     crowded.extra_jwks = [new_key(crowded.keys[0].kid).jwk() for _ in range(59)]
     base = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
@@ -328,7 +328,7 @@ def over_http(rounds: int, flood_seconds: float) -> dict[str, Any]:
             issuer.issuer_config(trust=TRUST),
             crowded.issuer_config(name="crowded"),
         ],
-        http={"trusted_proxies": ["127.0.0.2"]},
+        http={"trusted_proxies": ["127.0.0.2"], "auth_concurrency": auth_concurrency},
         auth_limits={"per_address": 30, "window": 60},
     )
     node = Cluster(base, config, count=1, migrate=True)
@@ -393,14 +393,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--flood-seconds", type=float, default=15.0)
+    parser.add_argument("--auth-concurrency", type=int, default=4, help="http.auth_concurrency")
+    parser.add_argument("--flood-only", action="store_true", help="skip the per-shape tables")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    local = in_process(args.rounds)
-    remote = over_http(args.rounds, args.flood_seconds)
+    local = in_process(args.rounds) if not args.flood_only else None
+    remote = over_http(
+        1 if args.flood_only else args.rounds, args.flood_seconds, args.auth_concurrency
+    )
+    if local is None:
+        print(f"load before {load_before}, after {os.getloadavg()}")
+        for name, row in remote["flood"].items():
+            print(f"flood (auth_concurrency {args.auth_concurrency}), {name}: {row}")
+        return
     load_after = os.getloadavg()
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(),
+        "auth_concurrency": args.auth_concurrency,
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in load_after],
         "in_process": local,
