@@ -22,8 +22,8 @@ before and after (other work on the machine inflates every figure).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import base64
+import contextlib
 import json
 import os
 import re
