@@ -38,3 +38,41 @@ def test_client_address(
 ) -> None:
     """Each case states its rule in the comment above it."""
     assert client_address(peer, forwarded, trusted) == client
+
+
+def test_the_authentication_pool_is_bounded() -> None:
+    """With one slot and no queue, a second request for authentication work while the first
+    holds the slot is refused at once (503 with Retry-After), not queued; once the slot is free
+    work runs again. The work runs in a worker thread, not on the event loop's."""
+    import threading
+
+    import anyio
+
+    from broker.api.auth_work import AuthenticationBusy, AuthWork
+
+    pool = AuthWork(concurrency=1, queue=0)
+    release = threading.Event()
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    def slow() -> str:
+        seen.append(threading.get_ident())
+        release.wait(10)
+        return "done"
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(pool.run, slow)
+            with anyio.fail_after(10):
+                while pool.limiter.borrowed_tokens == 0:
+                    await anyio.sleep(0.01)  # polling until the first holds the slot
+            try:
+                await pool.run(lambda: "second")
+                raise AssertionError("the second request was not refused")
+            except AuthenticationBusy as exc:
+                assert exc.status == 503 and exc.retry_after == 1
+            release.set()
+        assert await pool.run(lambda: "third") == "third"
+
+    anyio.run(main)
+    assert seen and seen[0] != loop_thread
