@@ -260,9 +260,20 @@ def verify_store(
             break
         after = int(page[-1]["seq"])
 
-    with db.read() as conn:
-        head_seq, head_hash = repo.audit_head(conn)
-        checkpoints = repo.audit_checkpoints(conn, limit=1_000_000)
+    # Replicas keep appending while this reads (background summaries, checkpoints): a head
+    # beyond the last event read means more events, unless re-reading finds none.
+    for _ in range(100):
+        with db.read() as conn:
+            head_seq, head_hash = repo.audit_head(conn)
+            checkpoints = repo.audit_checkpoints(conn, limit=1_000_000)
+        if report.last_seq is None or head_seq <= report.last_seq:
+            break
+        with db.read() as conn:
+            page = repo.audit_events(conn, after_seq=report.last_seq, limit=PAGE)
+        if not page:
+            break
+        for row in page:
+            walker.feed(row)
     if report.events and (head_seq, head_hash) != (report.last_seq, report.last_hash):
         report.add(
             "truncated",
