@@ -66,11 +66,9 @@ def test_the_authentication_pool_is_bounded() -> None:
             with anyio.fail_after(10):
                 while pool.limiter.borrowed_tokens == 0:
                     await anyio.sleep(0.01)  # polling until the first holds the slot
-            try:
+            with pytest.raises(AuthenticationBusy) as refused:
                 await pool.run(lambda: "second")
-                raise AssertionError("the second request was not refused")
-            except AuthenticationBusy as exc:
-                assert exc.status == 503 and exc.retry_after == 1
+            assert refused.value.status == 503 and refused.value.retry_after == 1
             release.set()
         assert await pool.run(lambda: "third") == "third"
 

@@ -178,10 +178,15 @@ def test_hostile_tokens_are_refused_while_healthz_answers(
 
 
 def raw(node: Cluster, data: bytes, *, keep_sending: bytes = b"", rounds: int = 0) -> bytes:
-    """Send ``data`` on a plain socket, then ``keep_sending`` up to ``rounds`` times while no
-    answer has arrived; return what the broker answered."""
+    """Send ``data`` on a plain socket through the trusted proxy's address for a fresh client
+    (so refusals here spend no other test's budget), then ``keep_sending`` up to ``rounds``
+    times while no answer has arrived; return what the broker answered."""
     port = int(node.urls[0].rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    line, _, rest = data.partition(b"\r\n")
+    data = line + b"\r\nX-Forwarded-For: " + new_address().encode() + b"\r\n" + rest
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)
+    ) as sock:
         sock.sendall(data)
         sock.settimeout(0.05)
         answer = b""
@@ -248,20 +253,24 @@ def test_a_chunked_body_is_cut_off_at_the_cap(node: Cluster) -> None:
 def test_large_json_and_form_bodies(node: Cluster, issuer: TestIssuer) -> None:
     """A task request over 64 KiB is 413 before the session or the JSON is looked at; a form
     over 32 KiB on the token endpoint likewise; one under the cap is read as usual."""
-    with httpx.Client(base_url=node.urls[0], timeout=30) as client:
+    with via_proxy(node) as client:
         resp = client.post(
             "/v1/tasks",
             content=b'{"scope": "x", "purpose": "' + b"a" * 70_000 + b'"}',
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "X-Forwarded-For": new_address()},
         )
         assert (resp.status_code, resp.json()["code"]) == (413, "payload_too_large")
         resp = client.post(
             "/oauth2/token",
             content=b"subject_token=" + b"a" * 40_000,
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "X-Forwarded-For": new_address(),
+            },
         )
         assert (resp.status_code, resp.json()["code"]) == (413, "payload_too_large")
-        assert exchange(client, issuer.token("big-form-ok")).status_code == 200
+        token = issuer.token("big-form-ok", padding="p" * 10_000)
+        assert exchange(client, token, new_address()).status_code == 200
 
 
 def test_headers_are_bounded(node: Cluster) -> None:
