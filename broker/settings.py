@@ -96,6 +96,25 @@ class ClaimMapping(BaseModel):
         return [value] if isinstance(value, str) else value
 
 
+class AccessTokenConfig(BaseModel):
+    """Access tokens (RFC 9068 JWTs) an issuer's callers may exchange instead of ID tokens.
+
+    They are a different kind of token with their own audiences: an ID token never passes as an
+    access token, nor the reverse (``typ`` and the audiences keep them apart).
+    """
+
+    model_config = {"extra": "forbid"}
+
+    #: The access token's ``aud`` must name at least one of these and nothing else; they may not
+    #: overlap the issuer's ID token ``audiences``.
+    audiences: list[str] = Field(min_length=1, max_length=16)
+    #: RFC 9068 access tokens carry ``typ: at+jwt``; turn off only for an issuer whose access
+    #: tokens are untyped JWTs (then only the audiences tell them from ID tokens).
+    require_typ: bool = True
+    #: When set, the token's ``client_id`` (or ``azp``) must be one of these clients.
+    clients: list[str] = Field(default_factory=list, max_length=64)
+
+
 class IssuerConfig(BaseModel):
     """A trusted OIDC issuer. Identity is always the pair (issuer, subject).
 
@@ -133,6 +152,12 @@ class IssuerConfig(BaseModel):
     trust_mode: Literal["enforce", "audit"] = "enforce"
     #: Every token must carry a ``jti``, and each is accepted once (across replicas).
     require_jti: bool = False
+    #: When set, an ID token carrying ``azp`` must name one of these clients (the party the
+    #: token was issued to); tokens without ``azp`` are judged by ``aud`` alone.
+    authorized_parties: list[str] = Field(default_factory=list, max_length=64)
+    #: Accept access tokens (``subject_token_type`` ``...:jwt`` or ``...:access_token``) of this
+    #: issuer, with their own audiences; without it only ID tokens are accepted.
+    access_tokens: AccessTokenConfig | None = None
     #: A cap on sessions of this issuer, below the global ``session_max_ttl``.
     session_max_ttl: int | None = Field(default=None, gt=0, le=86_400)
     #: Key cache: refresh period, unknown-kid refetch cooldown, how long the last good keys serve
@@ -205,6 +230,13 @@ class IssuerConfig(BaseModel):
             raise ValueError("give jwks_uri or jwks_file, not both")
         if self.jwks_max_stale <= self.jwks_refresh:
             raise ValueError("jwks_max_stale must be longer than jwks_refresh")
+        if self.access_tokens is not None:
+            shared = set(self.access_tokens.audiences) & set(self.audiences)
+            if shared:
+                raise ValueError(
+                    f"access_tokens.audiences {sorted(shared)} are also ID token audiences: "
+                    "an ID token could then pass as an access token (or the reverse)"
+                )
         problem = tenant_problem(self.preset, self.trust) or preset_problem(
             self.preset, self.issuer
         )
@@ -373,13 +405,8 @@ class GitHubAppSettings(BaseModel):
     def production_problems(self) -> list[str]:
         """What only a developer's machine may get away with."""
         problems = []
-        for what, url in (("api_url", self.api_url), ("git_url", self.effective_git_url or "")):
-            if urlsplit(url).scheme != "https" and not is_loopback_url(url):
-                problems.append(f"github.{what} does not use https")
         if self.token_key_file is None:
             problems.append("github.token_key_file is not set (tokens could not be revoked)")
-        if not self.verify_tls:
-            problems.append("github.verify_tls is off")
         return problems
 
 
@@ -569,6 +596,70 @@ class RateLimitSettings(BaseModel):
     per_principal: list[RateWindow] = Field(default_factory=list, max_length=5)
 
 
+class HttpSettings(BaseModel):
+    """Limits on what one HTTP request may make the broker read, and who may speak for clients."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Largest request body of any route not named below, in bytes (JSON API bodies).
+    max_body: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: ``/oauth2/*`` form bodies (a subject token is at most 16 KiB).
+    max_body_token: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    #: ``POST /v1/tasks/{id}/exec`` run reports (up to 65 redacted arguments of 1 KiB).
+    max_body_exec: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: The console's forms under ``/ui``.
+    max_body_console: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    #: All request header lines together, in bytes, and how many header lines.
+    max_header_bytes: int = Field(default=16 * 1024, ge=4096, le=256 * 1024)
+    max_headers: int = Field(default=64, ge=16, le=1000)
+    #: Addresses or networks of reverse proxies whose ``X-Forwarded-For`` is believed; from any
+    #: other peer the header is ignored and the socket's peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list, max_length=64)
+    #: Serve ``/docs``, ``/redoc`` and ``/openapi.json`` outside dev mode.
+    public_docs: bool = False
+    #: Requests doing authentication work (verifying a subject token, resolving a session
+    #: token, auditing a refusal) at once; others wait without holding a thread.
+    auth_concurrency: int = Field(default=4, ge=1, le=256)
+    #: Requests that may wait for that work; beyond it the broker answers 503 at once.
+    auth_queue: int = Field(default=512, ge=0, le=100_000)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {proxy!r} is not an address or network"
+                ) from None
+        return proxies
+
+
+class AuthLimitSettings(BaseModel):
+    """Throttling of failed authentication and how a flood of refusals is audited.
+
+    Counted in fixed windows shared by every replica (the store's rate counters): a failed token
+    exchange or a bad session token counts against the client's address and, when the token
+    named a configured issuer, against that issuer.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    #: Failures one client address may cause per window; then it is refused (429) until the
+    #: window ends.
+    per_address: int = Field(default=30, ge=1, le=1_000_000)
+    #: Failures naming one issuer per window; from then on every address failing against that
+    #: issuer is refused until the window ends (addresses without failures are not).
+    per_issuer: int = Field(default=300, ge=1, le=10_000_000)
+    #: The window, in seconds, of both limits and of the audit summaries.
+    window: int = Field(default=60, ge=1, le=3600)
+    #: IPv6 clients are counted by this prefix (one host usually holds a whole /64).
+    ipv6_prefix: int = Field(default=64, ge=32, le=128)
+    #: How often counts kept in memory are written to the store and ended windows summarised.
+    flush_interval: float = Field(default=1.0, gt=0, le=60)
+
+
 class Settings(BaseSettings):
     """Everything the broker can be told. Build it once and pass it to ``create_app``."""
 
@@ -618,6 +709,12 @@ class Settings(BaseSettings):
     #: backend call and its record (so a test can SIGKILL the broker there).
     dev_fault: Literal["pause_after_mint"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    auth_limits: AuthLimitSettings = Field(default_factory=AuthLimitSettings)
+    #: Hosts the broker may reach over plain http outside dev mode (Vault, the OTLP collector,
+    #: an AWS endpoint, webhooks): a sidecar, or a network where a mesh adds TLS. Naming a host
+    #: here is the explicit acknowledgement; loopback is always allowed.
+    plain_http_hosts: list[str] = Field(default_factory=list, max_length=64)
 
     @classmethod
     def settings_customise_sources(
@@ -693,17 +790,59 @@ class Settings(BaseSettings):
             and not is_loopback_url(self.public_url)
         ):
             problems.append("the console needs an https public_url (its cookies are Secure)")
-        for hook in self.webhooks:
-            if urlsplit(hook.url).scheme != "https" and not is_loopback_url(hook.url):
-                problems.append(f"webhook {hook.name!r} does not use https")
+        problems += self._transport_problems()
         if self.github is not None:
             problems.extend(self.github.production_problems())
+        if any(
+            ipaddress.ip_network(p, strict=False).prefixlen == 0 for p in self.http.trusted_proxies
+        ):
+            problems.append(
+                "http.trusted_proxies trusts every address: any client could then choose the "
+                "address it is counted under by sending X-Forwarded-For"
+            )
         if problems:
             raise ValueError(
                 "refusing insecure configuration outside dev mode: "
                 + "; ".join(problems)
                 + " (set BROKER_DEV_MODE=true only on a developer machine)"
             )
+
+    def _transport_problems(self) -> list[str]:
+        """Plain http to a non-loopback host, and TLS checks turned off (outside dev mode)."""
+        targets: list[tuple[str, str | None]] = [
+            ("vault.addr", self.vault.addr if self.vault else None),
+            ("otlp.endpoint", self.otlp.endpoint),
+            ("aws.endpoint_url", self.aws.endpoint_url if self.aws else None),
+        ]
+        targets += [(f"webhooks[{hook.name}].url", hook.url) for hook in self.webhooks]
+        if self.github is not None:
+            targets += [
+                ("github.api_url", self.github.api_url),
+                ("github.git_url", self.github.effective_git_url),
+            ]
+        problems = []
+        for setting, url in targets:
+            if url is None:
+                continue
+            # An OTLP/gRPC endpoint may be a bare host:port, which the exporter dials without TLS.
+            absolute = url if "://" in url else f"http://{url}"
+            parts = urlsplit(absolute)
+            if (
+                parts.scheme == "https"
+                or is_loopback_url(absolute)
+                or (parts.hostname or "") in self.plain_http_hosts
+            ):
+                continue
+            problems.append(
+                f"{setting} ({parts.scheme}://{parts.hostname}) is plain {parts.scheme} to a host "
+                "that is not loopback: use https, or name the host in plain_http_hosts if a "
+                "sidecar or mesh encrypts that traffic"
+            )
+        if self.vault is not None and not self.vault.verify_tls:
+            problems.append("vault.verify_tls is false: anyone on the path could pose as Vault")
+        if self.github is not None and not self.github.verify_tls:
+            problems.append("github.verify_tls is false: anyone on the path could pose as GitHub")
+        return problems
 
     @property
     def effective_database_url(self) -> str:

@@ -18,6 +18,7 @@ from broker.keyring import KeyRing, PublishedKeys
 from broker.oidc.verifier import TokenVerifier
 from broker.scopes.loader import ScopeCatalog
 from broker.services.approvals import ApprovalService
+from broker.services.auth_guard import AuthGuard
 from broker.services.credentials import CredentialService
 from broker.services.introspection import Introspector
 from broker.services.kill_switch import KillSwitchBackend, KillSwitches
@@ -140,6 +141,8 @@ class Broker:
     reaper: Reaper | None = None
     #: RFC 7662 introspection of broker-signed tokens.
     introspector: Introspector | None = None
+    #: Throttling and summarised auditing of failed authentication.
+    guard: AuthGuard | None = None
 
     def readiness(self) -> dict[str, str]:
         """Each dependency's state: ``ok`` or a short reason (no secrets, no internals)."""
@@ -174,6 +177,9 @@ class Broker:
         if self.reaper is not None:
             self.reaper.start()
             self.background.append(self.reaper)
+        if self.guard is not None:
+            self.guard.start()
+            self.background.append(self.guard)
 
     def stop(self) -> None:
         for part in reversed(self.background):
@@ -212,13 +218,14 @@ def build_broker(
     )
     uses = UseRecorder(db, clock)
     reaper = Reaper(settings, db, backends, revoker, kill_switches, clock)
+    guard = AuthGuard(settings.auth_limits, db, clock)
     return Broker(
         settings=settings,
         db=db,
         catalog=catalog,
         verifier=verifier,
         backends=backends,
-        sessions=SessionService(settings, db, verifier, clock),
+        sessions=SessionService(settings, db, verifier, clock, guard),
         tasks=tasks,
         credentials=CredentialService(
             settings, db, catalog, backends, clock, revoker=revoker, notifier=notifier
@@ -233,4 +240,5 @@ def build_broker(
         kill_switches=kill_switches,
         reaper=reaper,
         introspector=Introspector(settings.public_url, db, keyring, clock, uses),
+        guard=guard,
     )

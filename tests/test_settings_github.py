@@ -57,9 +57,9 @@ def test_production_needs_https_and_a_token_key(tmp_path: Path) -> None:
             github=GitHubAppSettings(**gh(api_url="http://ghe.internal/api/v3", verify_tls=False)),
         )
     text = str(refused.value)
-    assert "github.api_url does not use https" in text
+    assert "github.api_url (http://ghe.internal) is plain http" in text
     assert "github.token_key_file is not set" in text
-    assert "github.verify_tls is off" in text
+    assert "github.verify_tls is false" in text
     Settings(
         signing_key_file=key,
         github=GitHubAppSettings(**gh(token_key_file=tmp_path / "token.key")),

@@ -260,9 +260,7 @@ def verify_store(
             break
         after = int(page[-1]["seq"])
 
-    with db.read() as conn:
-        head_seq, head_hash = repo.audit_head(conn)
-        checkpoints = repo.audit_checkpoints(conn, limit=1_000_000)
+    head_seq, head_hash, checkpoints = _head_after_catching_up(db, walker, report)
     if report.events and (head_seq, head_hash) != (report.last_seq, report.last_hash):
         report.add(
             "truncated",
@@ -295,6 +293,29 @@ def verify_store(
     if report.last_seq is not None:
         report.unsigned_tail = report.last_seq - (report.last_checkpoint_seq or 0)
     return report
+
+
+def _head_after_catching_up(
+    db: Database, walker: ChainWalker, report: Report
+) -> tuple[int, str, list[dict[str, Any]]]:
+    """The chain's head and the checkpoints, once every event up to that head is read.
+
+    Replicas keep appending while the chain is read (background summaries, checkpoints): a
+    head beyond the last event read means more events to read, unless re-reading finds none.
+    """
+    for _ in range(100):
+        with db.read() as conn:
+            head_seq, head_hash = repo.audit_head(conn)
+            checkpoints = repo.audit_checkpoints(conn, limit=1_000_000)
+        if report.last_seq is None or head_seq <= report.last_seq:
+            break
+        with db.read() as conn:
+            page = repo.audit_events(conn, after_seq=report.last_seq, limit=PAGE)
+        if not page:
+            break
+        for row in page:
+            walker.feed(row)
+    return head_seq, head_hash, checkpoints
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

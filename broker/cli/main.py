@@ -86,6 +86,13 @@ def serve(
         log_level=settings.log_level,
         access_log=False,
         server_header=False,
+        # h11 with an explicit cap on the request head: the application refuses heads above
+        # http.max_header_bytes with a problem document; uvicorn cuts off anything much larger
+        # before buffering it.
+        http="h11",
+        h11_max_incomplete_event_size=settings.http.max_header_bytes + 4096,
+        # The broker reads X-Forwarded-For itself, and only from http.trusted_proxies.
+        proxy_headers=False,
     )
 
 

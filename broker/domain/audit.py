@@ -33,6 +33,8 @@ class EventName(StrEnum):
     SESSION_START = "broker.session.start"
     SESSION_END = "broker.session.end"
     AUTH_FAILURE = "broker.auth.failure"
+    #: The refusals of one (client address, reason) in one window beyond the first, counted.
+    AUTH_FAILURE_SUMMARY = "broker.auth.failure_summary"
     TASK_REQUEST = "broker.task.request"
     TASK_DECISION = "broker.task.decision"
     TASK_APPROVAL = "broker.task.approval"

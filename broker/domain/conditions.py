@@ -7,7 +7,9 @@ A condition names a claim (a dotted path into the verified claims) and exactly o
 - ``glob``: shell-like, always matched against the whole value: ``*`` matches any run of
   characters except ``/``, ``**`` matches any run including ``/``, ``?`` one character except
   ``/``; every other character is literal (no classes, no braces);
-- ``regex``: a Python regular expression that must match the *whole* value (``re.fullmatch``);
+- ``regex``: a regular expression that must match the *whole* value; it runs on RE2
+  (:mod:`broker.domain.patterns`), in time linear in the claim, so a pattern that would need
+  backtracking (backreferences, lookaround) is refused when the configuration loads;
 - ``cel``: a CEL expression (cel-python) over ``claims`` that must evaluate to ``true``; it takes
   no ``claim``. In an approver rule, ``requester`` holds the requester's claims, so
   ``claims.team == requester.team`` keeps approvals inside a team.
@@ -27,6 +29,8 @@ from typing import Any
 import celpy
 from celpy.adapter import json_to_cel
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from broker.domain.patterns import LinearPattern
 
 _MISSING = object()
 
@@ -144,10 +148,7 @@ class Condition(BaseModel):
             self._test = lambda c, _: any(s in allowed for s in _strings(claim_value(c, path)))
         else:
             source = glob_to_regex(str(self.glob)) if kind == "glob" else str(self.regex)
-            try:
-                compiled = re.compile(source, re.DOTALL)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
+            compiled = LinearPattern(source, dot_matches_newline=True)
             self._test = lambda c, _: any(
                 compiled.fullmatch(s) for s in _strings(claim_value(c, path))
             )
@@ -180,16 +181,48 @@ class Condition(BaseModel):
         return f"{self.claim} {kind} {value!r}"
 
 
+#: CEL macros and methods on a map: an expression calling one on ``claims`` reads all of it.
+_WHOLE_MAP_METHODS = frozenset({"all", "exists", "exists_one", "map", "filter", "size"})
+_FIELD = re.compile(r"\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\()?")
+
+
+def referenced_keys(expression: str, variable: str) -> frozenset[str] | None:
+    """The top-level keys of ``variable`` a CEL expression can read, or None for all of them.
+
+    Handing CEL only the claims an expression names keeps its cost in proportion to what the
+    rule reads: converting every claim of a large token into CEL values is slow (pure Python),
+    and the claims are the token holder's choice. Any use other than ``variable.name`` (an
+    index, a macro on the map itself, the map passed whole) means every key.
+    """
+    keys: set[str] = set()
+    for found in re.finditer(rf"\b{variable}\b", expression):
+        field = _FIELD.match(expression, found.end())
+        if field is None or field.group(2) or field.group(1) in _WHOLE_MAP_METHODS:
+            return None
+        keys.add(field.group(1))
+    return frozenset(keys)
+
+
+def _cel_map(values: Mapping[str, Any], keys: frozenset[str] | None) -> Any:
+    picked = dict(values) if keys is None else {k: values[k] for k in keys if k in values}
+    return json_to_cel(picked)
+
+
 def _compile_cel(expression: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]], bool]:
     env = celpy.Environment()
     try:
         program = env.program(env.compile(expression))
     except Exception as exc:
         raise ValueError(f"invalid CEL expression: {str(exc).splitlines()[0]}") from None
+    claim_keys = referenced_keys(expression, "claims")
+    requester_keys = referenced_keys(expression, "requester")
 
     def test(claims: Mapping[str, Any], requester: Mapping[str, Any]) -> bool:
         result = program.evaluate(
-            {"claims": json_to_cel(dict(claims)), "requester": json_to_cel(dict(requester))}
+            {
+                "claims": _cel_map(claims, claim_keys),
+                "requester": _cel_map(requester, requester_keys),
+            }
         )
         return isinstance(result, celpy.celtypes.BoolType) and bool(result)
 

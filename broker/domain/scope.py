@@ -18,14 +18,16 @@ and the result must stay within the backend's declared ``maximum``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from broker.domain.conditions import ConditionSet
+from broker.domain.patterns import LinearPattern
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 PARAM_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
@@ -96,8 +98,14 @@ def glob_covers(maximum: str, value: str, *, ignore_case: bool = False) -> bool:
             parts.append(r"[^*?]")
         else:
             parts.append(re.escape(ch))
-    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
-    return re.fullmatch("".join(parts), value, flags) is not None
+    return _covering("".join(parts), ignore_case).fullmatch(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _covering(source: str, ignore_case: bool) -> LinearPattern:
+    # Linear time: a maximum with many stars would make a backtracking engine try every split
+    # of the rendered value (which carries the agent's parameters) between them.
+    return LinearPattern(("(?i)" if ignore_case else "") + source, dot_matches_newline=True)
 
 
 class RiskTier(StrEnum):
@@ -127,7 +135,9 @@ class Parameter(BaseModel):
     required: bool = True
     default: str | int | bool | None = None
     pattern: str | None = Field(
-        default=None, description="A Python regular expression matched against the whole value."
+        default=None,
+        description="A regular expression (RE2 syntax: no backreferences or lookaround) matched "
+        "against the whole value, in time linear in the value.",
     )
     enum: list[str | int] | None = Field(default=None, min_length=1)
     min_length: int | None = Field(default=None, ge=0)
@@ -135,15 +145,22 @@ class Parameter(BaseModel):
     minimum: int | None = None
     maximum: int | None = None
 
+    _linear: LinearPattern | None = PrivateAttr(default=None)
+
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, pattern: str | None) -> str | None:
         if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
+            LinearPattern(pattern)  # refuses what the linear-time engine cannot run
         return pattern
+
+    def pattern_matches(self, value: str) -> bool:
+        """Whether ``value`` matches ``pattern`` as a whole (True without a pattern)."""
+        if self.pattern is None:
+            return True
+        if self._linear is None:
+            self._linear = LinearPattern(self.pattern)
+        return self._linear.fullmatch(value)
 
     @model_validator(mode="after")
     def _coherent(self) -> Parameter:

@@ -32,6 +32,9 @@ REASONS: dict[str, str] = {
     "token_lifetime_too_long": "the token's lifetime exceeds what the broker accepts",
     "untrusted_token": "the token's claims do not satisfy its issuer's trust rules",
     "token_replayed": "this token was already used",
+    "wrong_token_type": "the token's type (its typ header) is not the subject_token_type sent",
+    "access_token_not_accepted": "the token's issuer is not configured to accept access tokens",
+    "unauthorized_party": "the token was issued to a client this broker does not accept",
     # Console sign-in (broker.api.console): the token must answer this browser's sign-in.
     "nonce_mismatch": "the token does not answer this sign-in",
     "unexpected_issuer": "the token's issuer is not the one people sign in with here",

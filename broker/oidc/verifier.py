@@ -4,13 +4,20 @@
 2. Read the unverified ``iss`` only to look it up, as an exact string, among the configured
    issuers. An unknown issuer is refused here, before anything is fetched.
 3. Check the header: ``alg`` on the issuer's allow-list (asymmetric only, so never ``none`` or
-   HMAC), no ``crit`` (the broker implements no JWS extension), a sane ``kid``. The headers that
-   name keys or key locations (``jku``, ``x5u``, ``jwk``, ``x5c``) are never read.
+   HMAC), no ``crit`` (the broker implements no JWS extension), a sane ``kid``, and a ``typ``
+   fitting the kind of token presented: an ID token is untyped or ``JWT``, never ``at+jwt``
+   (RFC 9068) or any other explicit type; an access token is accepted only from an issuer
+   configured for them (``access_tokens``). The headers that name keys or key locations
+   (``jku``, ``x5u``, ``jwk``, ``x5c``) are never read.
 4. Find the key among the issuer's own published keys (:class:`~broker.oidc.jwks.JwksCache`),
-   by ``kid`` and fitting the algorithm, and verify the signature.
+   by ``kid`` and fitting the algorithm, and verify the signature (at most
+   :data:`MAX_SIGNATURE_CHECKS` keys are tried, whatever the key set holds).
 5. Verify the claims: ``exp``, ``nbf``, ``iat`` as finite numbers within the leeway, the token's
-   lifetime and age, ``aud`` naming this broker and nothing else, the subject, required claims,
-   and a ``jti`` when the issuer wants one-time tokens.
+   lifetime and age, ``aud`` naming this broker and nothing else (the ID token audiences or the
+   access token audiences, by kind), ``azp``/``client_id`` when the issuer names its clients,
+   the subject, required claims, and a ``jti`` when the issuer wants one-time tokens.
+
+Every step runs in time linear in the token's size, which is capped first.
 6. Apply the issuer's trust rules (enforced, or recorded in audit mode).
 7. Map the claims to a :class:`~broker.domain.principal.Principal` with its roles.
 
@@ -24,7 +31,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import httpx
 
@@ -39,7 +46,15 @@ from broker.settings import IssuerConfig
 MAX_KID = 256
 MAX_JTI = 256
 MAX_AUDIENCES = 16
+#: Signature checks one token may cost, however many published keys share its ``kid``.
+MAX_SIGNATURE_CHECKS = 2
 _MISSING = object()
+
+#: What the caller says it presents (``subject_token_type``).
+TokenKind = Literal["id_token", "access_token"]
+#: ``typ`` values of an ordinary (untyped) JWT; anything else is an explicitly typed token.
+_PLAIN_TYPES = frozenset({"jwt"})
+_ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105  # a media type
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +67,7 @@ class VerifiedToken:
     expires_at: float
     jti: str | None
     trust: TrustDecision
+    kind: TokenKind = "id_token"
 
 
 def _claimed(value: Any) -> str:
@@ -107,8 +123,8 @@ class TokenVerifier:
             for i in issuers
         }
 
-    def verify(self, token: str) -> VerifiedToken:
-        """Verify ``token`` or raise ``TokenRefused`` / ``IssuerUnavailable``."""
+    def verify(self, token: str, kind: TokenKind = "id_token") -> VerifiedToken:
+        """Verify ``token`` as a ``kind`` or raise ``TokenRefused`` / ``IssuerUnavailable``."""
         # Step 1: parse.
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenRefused("token_too_large")
@@ -142,6 +158,7 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID):
             raise TokenRefused("malformed_token", issuer=name, claimed=claimed, internal="bad kid")
+        _check_type(issuer, header.get("typ"), kind, claimed)
 
         # Step 4: the key and the signature.
         keys = self.jwks[name].keys_for(kid, alg)
@@ -149,12 +166,14 @@ class TokenVerifier:
             raise TokenRefused(
                 "unknown_key", issuer=name, claimed=claimed, internal=f"kid {_claimed(kid)}"
             )
-        if not any(k.verify(alg, jws.signing_input, jws.signature) for k in keys):
+        if not any(
+            k.verify(alg, jws.signing_input, jws.signature) for k in keys[:MAX_SIGNATURE_CHECKS]
+        ):
             raise TokenRefused("invalid_signature", issuer=name, claimed=claimed)
 
         # From here on the claims are the issuer's word.
         subject = subject_of(issuer, claims)
-        expires_at = self._check_claims(issuer, claims, subject)
+        expires_at = self._check_claims(issuer, claims, subject, kind)
         assert subject is not None  # _check_claims refuses a token without one
 
         # Step 6: trust rules.
@@ -173,14 +192,16 @@ class TokenVerifier:
             expires_at=expires_at,
             jti=jti if isinstance(jti, str) else None,
             trust=trust,
+            kind=kind,
         )
 
     def _check_claims(
-        self, issuer: IssuerConfig, claims: dict[str, Any], subject: str | None
+        self, issuer: IssuerConfig, claims: dict[str, Any], subject: str | None, kind: TokenKind
     ) -> float:
         """Step 5; returns ``exp`` as a float once it is known to be sane."""
         exp = self._check_times(issuer, claims, subject)
-        _check_audience(issuer, claims, subject)
+        _check_audience(issuer, claims, subject, kind)
+        _check_party(issuer, claims, subject, kind)
 
         def refuse(reason: str, claim: str) -> NoReturn:
             raise TokenRefused(reason, issuer=issuer.issuer, subject=subject, claim=claim)
@@ -227,7 +248,67 @@ class TokenVerifier:
         return float(exp)
 
 
-def _check_audience(issuer: IssuerConfig, claims: dict[str, Any], subject: str | None) -> None:
+def _check_type(issuer: IssuerConfig, typ: Any, kind: TokenKind, claimed: dict[str, str]) -> None:
+    """The ``typ`` header must fit the kind presented (RFC 8725 3.11 explicit typing).
+
+    ``typ`` is a media type: case-insensitive, ``application/`` may be left out (RFC 7515
+    4.1.9). An ID token is untyped or ``JWT``; ``at+jwt`` is an access token (RFC 9068) and any
+    other explicit type (``logout+jwt``, ``secevent+jwt``, ...) is some other token again.
+    """
+
+    def refuse(reason: str) -> NoReturn:
+        raise TokenRefused(
+            reason, issuer=issuer.issuer, claimed=claimed, internal=f"typ {_claimed(typ)}"
+        )
+
+    if typ is None:
+        media = None
+    elif not isinstance(typ, str) or len(typ) > 64:
+        refuse("malformed_token")
+    else:
+        media = typ.strip().lower().removeprefix("application/")
+    if kind == "id_token":
+        if media is not None and media not in _PLAIN_TYPES:
+            refuse("wrong_token_type")
+        return
+    config = issuer.access_tokens
+    if config is None:
+        refuse("access_token_not_accepted")
+    if media == _ACCESS_TOKEN_TYPE:
+        return
+    if config.require_typ or (media is not None and media not in _PLAIN_TYPES):
+        refuse("wrong_token_type")
+
+
+def _check_party(
+    issuer: IssuerConfig, claims: dict[str, Any], subject: str | None, kind: TokenKind
+) -> None:
+    """``azp`` (and an access token's ``client_id``) against the clients the issuer names."""
+
+    def refuse(reason: str, claim: str) -> NoReturn:
+        raise TokenRefused(reason, issuer=issuer.issuer, subject=subject, claim=claim)
+
+    if kind == "access_token":
+        assert issuer.access_tokens is not None  # _check_type refused it otherwise
+        allowed, name = issuer.access_tokens.clients, "client_id"
+        if "client_id" not in claims and "azp" in claims:
+            name = "azp"
+        if allowed and claims.get(name) is None:
+            refuse("missing_claim", name)
+    else:
+        allowed, name = issuer.authorized_parties, "azp"
+    value = claims.get(name)
+    if value is None or not allowed:
+        return
+    if not isinstance(value, str):
+        refuse("invalid_claim", name)
+    if value not in allowed:
+        refuse("unauthorized_party", name)
+
+
+def _check_audience(
+    issuer: IssuerConfig, claims: dict[str, Any], subject: str | None, kind: TokenKind
+) -> None:
     """``aud`` must name this broker, and only audiences this broker answers to."""
 
     def refuse(reason: str, claim: str | None = None) -> NoReturn:
@@ -246,5 +327,9 @@ def _check_audience(issuer: IssuerConfig, claims: dict[str, Any], subject: str |
         refuse("invalid_claim", "aud")
     # Every audience must be ours: a token also meant for another service could be replayed
     # by that service to us (OpenID Connect Core 3.1.3.7, step 3).
-    if not set(audiences) <= set(issuer.audiences):
+    ours = issuer.audiences
+    if kind == "access_token":
+        assert issuer.access_tokens is not None  # _check_type refused it otherwise
+        ours = issuer.access_tokens.audiences
+    if not set(audiences) <= set(ours):
         refuse("audience_mismatch")

@@ -50,7 +50,7 @@ def check_string(name: str, spec: Parameter, value: Any) -> str:
             name,
             "contains a character that is never allowed (globs, quotes, commas, braces, '$', '%', '..')",
         )
-    if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
+    if not spec.pattern_matches(value):
         raise _fail(name, "does not match the pattern the template requires")
     return value
 

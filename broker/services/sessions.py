@@ -4,7 +4,9 @@ A session token is ``brk_sess_`` plus 256 random bits; only its SHA-256 is store
 lives no longer than the ID token it came from, the global ``session_max_ttl`` and the issuer's
 own cap. Every refusal - a bad token, an unreachable issuer, a replayed ``jti``, an unknown or
 ended session - is audited as ``broker.auth.failure`` with the reason and the token's SHA-256,
-never the token.
+never the token. When the caller's address is known (every HTTP request), refusals also go
+through the :class:`~broker.services.auth_guard.AuthGuard`: throttled per address and issuer,
+and a flood of them audited as summaries.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from broker.domain.records import Session
 from broker.errors import AuthenticationFailed, BrokerError, Conflict
 from broker.oidc.errors import TokenRefused
 from broker.oidc.trust import run_identity_of
-from broker.oidc.verifier import TokenVerifier, VerifiedToken
+from broker.oidc.verifier import TokenKind, TokenVerifier, VerifiedToken
+from broker.services.auth_guard import AuthGuard
 from broker.services.common import Clock, TraceContext, record
 from broker.settings import Settings
 from broker.store import Database, repo
@@ -45,12 +48,28 @@ class SessionService:
     """Opens, resolves and ends sessions."""
 
     def __init__(
-        self, settings: Settings, db: Database, verifier: TokenVerifier, clock: Clock
+        self,
+        settings: Settings,
+        db: Database,
+        verifier: TokenVerifier,
+        clock: Clock,
+        guard: AuthGuard | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.verifier = verifier
         self.clock = clock
+        self.guard = guard
+
+    def admit(self, address: str | None, *, what: str, trace: TraceContext | None = None) -> None:
+        """Refuse (429) a client address over its failure budget before any work on its token."""
+        if self.guard is not None:
+            self.guard.admit(
+                address,
+                lambda error: self._failure_event(
+                    error, presented=None, what=what, reason="rate_limited", trace=trace
+                ),
+            )
 
     # --- refusals -------------------------------------------------------------------------
 
@@ -64,13 +83,61 @@ class SessionService:
         what: str = "token",
         reason: str | None = None,
         trace: TraceContext | None = None,
+        address: str | None = None,
     ) -> None:
         """Record a refused authentication: reason and a hash of what was presented, never itself.
 
         ``issuer`` and ``subject`` default to what a :class:`TokenRefused` knows: the configured
         issuer the token named and, once its signature was verified, the subject. Unverified
-        values go to ``broker.auth.claimed_*`` attributes, never into the actor fields.
+        values go to ``broker.auth.claimed_*`` attributes, never into the actor fields. With the
+        client's ``address`` the refusal is counted and, in a flood, summarised (AuthGuard).
         """
+        event = self._failure_event(
+            error,
+            presented=presented,
+            issuer=issuer,
+            subject=subject,
+            what=what,
+            reason=reason,
+            trace=trace,
+        )
+        attributes = event.attributes
+        if self.guard is not None and address is not None:
+            audited = self.guard.refused(
+                address,
+                attributes["broker.auth.reason"],
+                event.actor_issuer,
+                event,
+                counts=error.status < 500,  # an outage on our side is not the client's doing
+            )
+        else:
+            audited = True
+            try:
+                with self.db.write() as conn:
+                    record(conn, event)
+            except BrokerError:
+                # The refusal stands either way; failing to record it must not make it a 5xx.
+                log.exception("could not audit an authentication failure")
+        if audited:  # a flood is logged as its summary, like it is audited
+            log.info(
+                "authentication refused: %s (%s, issuer=%s, token sha256=%s)",
+                attributes["broker.auth.reason"],
+                what,
+                event.actor_issuer,
+                attributes["broker.auth.token_sha256"],
+            )
+
+    def _failure_event(
+        self,
+        error: BrokerError,
+        *,
+        presented: str | None,
+        issuer: str | None = None,
+        subject: str | None = None,
+        what: str = "token",
+        reason: str | None = None,
+        trace: TraceContext | None = None,
+    ) -> AuditEvent:
         issuer = issuer or getattr(error, "issuer", None)
         subject = subject or getattr(error, "subject", None)
         attributes: dict[str, Any] = {
@@ -91,7 +158,7 @@ class SessionService:
                 attributes[f"broker.auth.claimed_{key}"] = value
             if error.extra.get("claim"):
                 attributes["broker.auth.claim"] = error.extra["claim"]
-        event = AuditEvent(
+        return AuditEvent(
             name=EventName.AUTH_FAILURE,
             outcome=Outcome.DENIED,
             time=self.clock(),
@@ -101,19 +168,6 @@ class SessionService:
             actor_subject=subject,
             attributes=attributes,
         )
-        log.info(
-            "authentication refused: %s (%s, issuer=%s, token sha256=%s)",
-            attributes["broker.auth.reason"],
-            what,
-            issuer,
-            attributes["broker.auth.token_sha256"],
-        )
-        try:
-            with self.db.write() as conn:
-                record(conn, event)
-        except BrokerError:
-            # The refusal stands either way; failing to record it must not turn it into a 5xx.
-            log.exception("could not audit an authentication failure")
 
     def require_role(
         self, session: Session, role: str, *, doing: str, trace: TraceContext | None = None
@@ -163,20 +217,25 @@ class SessionService:
         *,
         check: Callable[[VerifiedToken], None] | None = None,
         via: str = VIA_API,
+        kind: TokenKind = "id_token",
+        address: str | None = None,
     ) -> IssuedSession:
-        """Verify an ID token and open a session bounded by its expiry and the configured caps.
+        """Verify an ID token (or, where the issuer accepts them, an access token: ``kind``)
+        and open a session bounded by its expiry and the configured caps.
 
         ``check`` may refuse a verified token for the caller's own reasons (the console checks
         the sign-in's nonce and issuer) by raising a ``BrokerError``, audited like any refusal;
         ``via`` names where the session was opened and where alone it works (``api``: a bearer
-        token; ``console``: the console's cookie), recorded as ``broker.session.via``.
+        token; ``console``: the console's cookie), recorded as ``broker.session.via``;
+        ``address`` is the client's, for throttling (see :meth:`admit`).
         """
+        self.admit(address, what="token", trace=trace)
         try:
-            verified = self.verifier.verify(id_token)
+            verified = self.verifier.verify(id_token, kind)
             if check is not None:
                 check(verified)
         except BrokerError as exc:  # TokenRefused, IssuerUnavailable
-            self.audit_failure(exc, presented=id_token, trace=trace)
+            self.audit_failure(exc, presented=id_token, trace=trace, address=address)
             raise
         now = self.clock()
         principal = verified.principal
@@ -204,6 +263,7 @@ class SessionService:
                 issuer=principal.issuer,
                 subject=principal.subject,
                 trace=trace,
+                address=address,
             )
             raise
         if verified.trust.audit_only_denial:
@@ -234,6 +294,7 @@ class SessionService:
             "broker.session.id": session.id,
             "broker.session.expires_at": session.expires_at,
             "broker.id_token.sha256": token_hash(id_token),
+            "broker.subject_token.kind": verified.kind,
         }
         if verified.jti is not None:
             attributes["broker.id_token.jti"] = verified.jti[:256]
@@ -283,13 +344,20 @@ class SessionService:
     # --- use ------------------------------------------------------------------------------
 
     def resolve(
-        self, bearer: str, trace: TraceContext | None = None, *, via: str = VIA_API
+        self,
+        bearer: str,
+        trace: TraceContext | None = None,
+        *,
+        via: str = VIA_API,
+        address: str | None = None,
     ) -> Session:
         """The live session behind a token, or ``AuthenticationFailed`` (audited).
 
         ``via`` is where the token was presented: a console session's cookie is no API bearer
-        token, and an API session cannot drive the console.
+        token, and an API session cannot drive the console. ``address`` is the client's, for
+        throttling (see :meth:`admit`).
         """
+        self.admit(address, what="session", trace=trace)
         with self.db.read() as conn:
             session = repo.session_by_token_hash(conn, token_hash(bearer))
         if session is not None and session.live(self.clock()) and session.via != via:
@@ -310,6 +378,7 @@ class SessionService:
                 issuer=session.principal.issuer,
                 subject=session.principal.subject,
                 trace=trace,
+                address=address,
             )
             raise error
         if session is None or not session.live(self.clock()):
@@ -330,6 +399,7 @@ class SessionService:
                 issuer=session.principal.issuer if session else None,
                 subject=session.principal.subject if session else None,
                 trace=trace,
+                address=address,
             )
             raise error
         return session

@@ -701,22 +701,52 @@ def remember_jti(conn: Connection, issuer: str, jti: str, expires_at: float, now
 # --- rate limits ----------------------------------------------------------------------------
 
 
-def hit_rate_counter(conn: Connection, key: str, window_start: float) -> int:
-    """Count one hit in a fixed window, atomically across replicas; returns the new count."""
-    table = t.rate_counters
+def _upsert(conn: Connection) -> Any:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as upsert
     else:
         from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    return upsert
+
+
+def hit_rate_counter(conn: Connection, key: str, window_start: float, by: int = 1) -> int:
+    """Add ``by`` to a fixed window's counter, atomically across replicas; the new count."""
+    table = t.rate_counters
     stmt = (
-        upsert(table)
-        .values(key=key, window_start=window_start, count=1)
+        _upsert(conn)(table)
+        .values(key=key, window_start=window_start, count=by)
         .on_conflict_do_update(
-            index_elements=[table.c.key, table.c.window_start], set_={"count": table.c.count + 1}
+            index_elements=[table.c.key, table.c.window_start], set_={"count": table.c.count + by}
         )
         .returning(table.c.count)
     )
     return int(conn.execute(stmt).scalar_one())
+
+
+def open_rate_counter(conn: Connection, key: str, window_start: float) -> bool:
+    """Create a window's counter at zero; True only for the one caller (of any replica) that
+    created it, so exactly one learns it came first."""
+    table = t.rate_counters
+    stmt = (
+        _upsert(conn)(table)
+        .values(key=key, window_start=window_start, count=0)
+        .on_conflict_do_nothing(index_elements=[table.c.key, table.c.window_start])
+        .returning(table.c.count)
+    )
+    return conn.execute(stmt).first() is not None
+
+
+def take_rate_counters(conn: Connection, prefix: str, ended_before: float) -> list[RowMapping]:
+    """Remove and return the counters under ``prefix`` whose window started before
+    ``ended_before`` (each returned to exactly one caller across replicas)."""
+    table = t.rate_counters
+    stmt = (
+        delete(table)
+        .where(table.c.key.startswith(prefix, autoescape=True))
+        .where(table.c.window_start < ended_before)
+        .returning(table.c.key, table.c.window_start, table.c.count)
+    )
+    return list(conn.execute(stmt).mappings())
 
 
 def prune_rate_counters(conn: Connection, before: float) -> int:

@@ -96,7 +96,9 @@ def failures(broker: Broker) -> list[dict[str, Any]]:
 
 def test_success_is_an_rfc8693_response(served: Any, idp: TestIssuer) -> None:
     """200 with access_token (brk_sess_...), issued_token_type access_token, token_type Bearer,
-    expires_in no later than the ID token, and no-store caching; jwt works as subject type too."""
+    expires_in no later than the ID token, and no-store caching. The jwt subject type means an
+    access token, which this issuer is not configured to accept: the same ID token sent as one
+    is refused."""
     client, _ = served
     resp = exchange(client, idp.token(ttl=300))
     assert resp.status_code == 200
@@ -119,7 +121,8 @@ def test_success_is_an_rfc8693_response(served: Any, idp: TestIssuer) -> None:
             "unknown_parameter": "ignored",
         },
     )
-    assert resp.status_code == 200, resp.text
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["code"] == "access_token_not_accepted"
 
 
 @pytest.mark.parametrize(
@@ -152,7 +155,11 @@ def test_refused_subject_tokens_are_400_invalid_request(
     ("data", "code", "error"),
     [
         ({"grant_type": "client_credentials"}, "unsupported_grant_type", "unsupported_grant_type"),
-        ({"subject_token_type": ACCESS}, "unsupported_token_type", "invalid_request"),
+        (
+            {"subject_token_type": "urn:ietf:params:oauth:token-type:saml2"},
+            "unsupported_token_type",
+            "invalid_request",
+        ),
         ({"subject_token": ""}, "invalid_request", "invalid_request"),
         ({"actor_token": "x", "actor_token_type": ID_TOKEN}, "invalid_request", "invalid_request"),
         ({"requested_token_type": ID_TOKEN}, "invalid_request", "invalid_request"),
@@ -176,7 +183,7 @@ def test_bad_requests(
 
 
 def test_malformed_bodies(served: Any, idp: TestIssuer) -> None:
-    """Repeated parameters, JSON instead of a form, and oversized bodies are 400s."""
+    """Repeated parameters and JSON instead of a form are 400s; an oversized body is 413."""
     client, _ = served
     token = idp.token()
     repeated = f"grant_type={GRANT}&subject_token_type={ID_TOKEN}&subject_token={token}&subject_token={token}"
@@ -194,7 +201,8 @@ def test_malformed_bodies(served: Any, idp: TestIssuer) -> None:
         content=b"a=" + b"b" * 70_000,
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
-    assert resp.status_code == 400
+    assert resp.status_code == 413
+    assert resp.json()["code"] == "payload_too_large"
 
 
 def test_issuer_down_is_503_temporarily_unavailable(served: Any, idp: TestIssuer) -> None:

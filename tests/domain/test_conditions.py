@@ -93,3 +93,38 @@ def test_cel_sees_the_requester_in_approver_rules() -> None:
     assert rule.evaluate({"team": "a"}, {"team": "a"})
     assert not rule.evaluate({"team": "a"}, {"team": "b"})
     assert not rule.evaluate({"team": "a"})  # no requester: no match
+
+
+@pytest.mark.parametrize(
+    ("expression", "keys"),
+    [
+        ("claims.level >= 2", {"level"}),
+        ("claims.groups.exists(g, g == 'x') && has(claims.team)", {"groups", "team"}),
+        ("claims.team == requester.team", {"team"}),
+        ("claims['level'] >= 2", None),  # an index: any key
+        ("claims.exists(k, k == 'x')", None),  # a macro on the map itself
+        ("size(claims) > 2", None),
+        ("'x' in claims", None),
+    ],
+)
+def test_cel_gets_only_the_claims_it_names(expression: str, keys: set[str] | None) -> None:
+    """A CEL rule is handed the claims it reads (so a token's other, possibly huge, claims
+    cost nothing); any other use of the map hands it every claim."""
+    from broker.domain.conditions import referenced_keys
+
+    found = referenced_keys(expression, "claims")
+    assert (None if found is None else set(found)) == keys
+
+
+def test_cel_answers_alike_with_only_the_named_claims() -> None:
+    """Rules reading some claims, or the whole map, decide as before on a token with a large
+    unrelated claim; a missing claim is still an error, hence false."""
+    claims = {"level": 3, "team": "a", "noise": [[["x"] * 50] * 50] * 5}
+    for expression, ok in [
+        ("claims.level >= 2", True),
+        ("claims.missing == 1", False),
+        ("has(claims.team) && claims.team == 'a'", True),
+        ("claims.exists(k, k == 'noise')", True),
+        ("size(claims) == 3", True),
+    ]:
+        assert bool(Condition(cel=expression).evaluate(claims)) is ok, expression

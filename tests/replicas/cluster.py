@@ -241,6 +241,9 @@ def base_config(
         "reaper_interval": 1.0,
         "audit": {"checkpoint_interval": 1.0},
         "otlp": {"interval": 0.1, "max_backoff": 1.0, "timeout": 10.0},
+        # Every test client connects from 127.0.0.1: a budget no test reaches by accident, and
+        # short windows so a test waiting for a flood's summary waits seconds.
+        "auth_limits": {"per_address": 100_000, "window": 2, "flush_interval": 0.2},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):

@@ -162,7 +162,7 @@ def test_settings_refuse_weak_or_insecure_hooks(tmp_path: Path) -> None:
     """A short secret is refused; outside dev mode only https (or loopback) hooks are allowed."""
     with pytest.raises(ValueError, match="16 characters"):
         Settings(dev_mode=True, webhooks=[{"name": "x", "url": "https://h", "secret": "short"}])
-    with pytest.raises(ValueError, match="does not use https"):
+    with pytest.raises(ValueError, match=r"webhooks\[x\]\.url .* is plain http"):
         Settings(
             dev_mode=False,
             signing_key_file=tmp_path / "k",

@@ -12,13 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import BrokerDep, require_role
+from broker.api.json_bodies import OffLoopJsonRoute
 from broker.api.models import CredentialOut, TaskOut
 from broker.domain.records import Session
 from broker.domain.task import CredentialState
 from broker.errors import ServiceUnavailable
 from broker.services.kill_switch import KillSwitch
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=OffLoopJsonRoute)
 
 
 AdminDep = Annotated[Session, Depends(require_role("admin", "administering the broker"))]

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api.deps import ApproverDep, BrokerDep, SessionDep
+from broker.api.json_bodies import OffLoopJsonRoute
 from broker.api.models import ApprovalOut, TaskOut
 from broker.services.approvals import MAX_REASON, ApprovalView
 
-router = APIRouter(prefix="/v1/approvals", tags=["approvals"])
+router = APIRouter(prefix="/v1/approvals", tags=["approvals"], route_class=OffLoopJsonRoute)
 
 
 class Decision(BaseModel):

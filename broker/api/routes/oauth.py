@@ -6,6 +6,11 @@ by policy (``unsupported_grant_type`` and ``invalid_target`` where they apply). 
 problem document that also carries ``error`` and ``error_description``, and its ``code`` says
 precisely why (``token_expired``, ``unknown_issuer``, ...). An issuer that cannot be reached is
 a 503 with ``error=temporarily_unavailable`` and ``Retry-After``. Every refusal is audited.
+
+``subject_token_type`` ``...:id_token`` presents an ID token; ``...:jwt`` and ``...:access_token``
+present an access token, accepted only from an issuer configured for them (``access_tokens``).
+The body is bounded before it is read (``http.max_body_token``, :mod:`broker.api.request_limits`);
+parsing, verification and the audit run in the authentication pool, off the event loop.
 """
 
 from __future__ import annotations
@@ -14,23 +19,27 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
-from broker.api.deps import BrokerDep, TraceDep
+from broker.api.deps import BrokerDep, TraceDep, client_address, run_auth_work
 from broker.api.models import TokenResponse
 from broker.errors import AuthenticationFailed, InvalidRequest
+from broker.oidc.verifier import TokenKind
 from broker.services.common import TraceContext
+from broker.services.sessions import IssuedSession
 from broker.wiring import Broker
 
 router = APIRouter(tags=["sessions"])
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-SUBJECT_TOKEN_TYPES = {
-    "urn:ietf:params:oauth:token-type:id_token",
-    "urn:ietf:params:oauth:token-type:jwt",
-}
+ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105  # a URN
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105  # a URN
-MAX_FORM_BYTES = 64 * 1024
+#: What each accepted ``subject_token_type`` presents.
+SUBJECT_TOKEN_TYPES: dict[str, TokenKind] = {
+    ID_TOKEN_TYPE: "id_token",
+    JWT_TYPE: "access_token",
+    ACCESS_TOKEN_TYPE: "access_token",
+}
 
 
 class SubjectTokenRefused(InvalidRequest):
@@ -48,16 +57,10 @@ class SubjectTokenRefused(InvalidRequest):
         )
 
 
-async def _read_form(request: Request) -> dict[str, str]:
-    """The form's fields; each at most once, the body at most ``MAX_FORM_BYTES``."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def _parse_form(content_type: str, body: bytes) -> dict[str, str]:
+    """The form's fields, each at most once (the body's size is already capped)."""
     if content_type != "application/x-www-form-urlencoded":
         raise InvalidRequest("send the token exchange as application/x-www-form-urlencoded")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise InvalidRequest("the request body is too large")
     try:
         form = parse_qs(
             body.decode("utf-8"), keep_blank_values=False, strict_parsing=False, max_num_fields=20
@@ -72,13 +75,15 @@ async def _read_form(request: Request) -> dict[str, str]:
     return fields
 
 
-def _check(fields: dict[str, str], broker: Broker) -> str:
-    """The subject token, once the request is a token exchange the broker can serve."""
+def _check(fields: dict[str, str], broker: Broker) -> tuple[str, TokenKind]:
+    """The subject token and its kind, once the request is an exchange the broker can serve."""
     if fields.get("grant_type") != GRANT_TYPE:
         raise InvalidRequest(f"grant_type must be {GRANT_TYPE}", code="unsupported_grant_type")
-    if fields.get("subject_token_type") not in SUBJECT_TOKEN_TYPES:
+    kind = SUBJECT_TOKEN_TYPES.get(fields.get("subject_token_type", ""))
+    if kind is None:
         raise InvalidRequest(
-            "subject_token_type must be the id_token or jwt token type",
+            "subject_token_type must be the id_token type (or the jwt or access_token type, "
+            "for an issuer whose access tokens the broker accepts)",
             code="unsupported_token_type",
             extra={"error": "invalid_request"},
         )
@@ -96,7 +101,7 @@ def _check(fields: dict[str, str], broker: Broker) -> str:
                 f"this endpoint issues sessions for {broker.settings.public_url} only",
                 code="invalid_target",
             )
-    return subject_token
+    return subject_token, kind
 
 
 @router.post(
@@ -132,17 +137,12 @@ def _check(fields: dict[str, str], broker: Broker) -> str:
 )
 async def token_exchange(request: Request, broker: BrokerDep, trace: TraceDep) -> JSONResponse:
     """Exchange an OIDC ID token for an opaque, short-lived session token (RFC 8693)."""
-    fields: dict[str, str] = {}
-    try:
-        fields = await _read_form(request)
-        subject_token = _check(fields, broker)
-    except InvalidRequest as exc:
-        await _audit(broker, exc, fields.get("subject_token"), trace)
-        raise
-    try:
-        issued = await run_in_threadpool(broker.sessions.exchange, subject_token, trace)
-    except AuthenticationFailed as exc:  # already audited by the service
-        raise SubjectTokenRefused.of(exc) from None
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()  # at most http.max_body_token: RequestLimits cut it off
+    address = client_address(request)
+    issued = await run_auth_work(
+        request, lambda: _exchange(broker, content_type, body, trace, address)
+    )
     expires_in = max(1, int(issued.session.expires_at - broker.clock()))
     return JSONResponse(
         TokenResponse(access_token=issued.token, expires_in=expires_in).model_dump(),
@@ -150,12 +150,31 @@ async def token_exchange(request: Request, broker: BrokerDep, trace: TraceDep) -
     )
 
 
-async def _audit(
-    broker: Broker, exc: InvalidRequest, presented: str | None, trace: TraceContext | None
-) -> None:
-    def write() -> None:
-        broker.sessions.audit_failure(
-            exc, presented=presented, what="token_exchange", reason=exc.code, trace=trace
+def _exchange(
+    broker: Broker,
+    content_type: str,
+    body: bytes,
+    trace: TraceContext | None,
+    address: str | None,
+) -> IssuedSession:
+    """Parse, check and perform the exchange (in the authentication pool); refusals audited."""
+    sessions = broker.sessions
+    sessions.admit(address, what="token_exchange", trace=trace)
+    fields: dict[str, str] = {}
+    try:
+        fields = _parse_form(content_type, body)
+        subject_token, kind = _check(fields, broker)
+    except InvalidRequest as exc:
+        sessions.audit_failure(
+            exc,
+            presented=fields.get("subject_token"),
+            what="token_exchange",
+            reason=exc.code,
+            trace=trace,
+            address=address,
         )
-
-    await run_in_threadpool(write)
+        raise
+    try:
+        return sessions.exchange(subject_token, trace, kind=kind, address=address)
+    except AuthenticationFailed as exc:  # already audited by the service
+        raise SubjectTokenRefused.of(exc) from None

@@ -8,9 +8,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker.api.deps import AgentDep, BrokerDep, TraceDep
+from broker.api.json_bodies import OffLoopJsonRoute
 from broker.services.runs import RunReport, RunService, ToolUse
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=OffLoopJsonRoute)
 
 
 class ToolUseIn(BaseModel):

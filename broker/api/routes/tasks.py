@@ -11,11 +11,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import AgentDep, BrokerDep, TraceDep
+from broker.api.json_bodies import OffLoopJsonRoute
 from broker.api.models import ApprovalOut, CredentialOut, TaskCreate, TaskOut
 from broker.domain.task import TaskState
 from broker.services.tasks import TaskRequest
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], route_class=OffLoopJsonRoute)
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)]
 ConversationId = Annotated[str | None, Header(alias="X-Conversation-Id", max_length=256)]
