@@ -319,6 +319,6 @@ def test_the_documented_examples_load() -> None:
             continue  # another setting's example (auth_limits)
         text = block if block.startswith("issuers:") else "issuers:\n" + block
         entries.extend(yaml.safe_load(text)["issuers"])
-    assert len(entries) == 6
+    assert len(entries) == 7
     for entry in entries:
         IssuerConfig(**entry)
