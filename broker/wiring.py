@@ -12,6 +12,7 @@ import httpx
 
 from broker.audit.uses import UseRecorder
 from broker.backends.base import Backend
+from broker.domain.vault_policies import ForbiddenPolicies
 from broker.errors import BrokerError, ServiceUnavailable
 from broker.keyring import KeyRing, PublishedKeys
 from broker.oidc.verifier import TokenVerifier
@@ -157,7 +158,13 @@ def build_broker(
 ) -> Broker:
     """Construct a broker; outward clients can be injected (tests, benchmarks)."""
     db = Database(settings.effective_database_url)
-    catalog = ScopeCatalog(settings.scopes_dir, check_interval=settings.scopes_reload_interval)
+    catalog = ScopeCatalog(
+        settings.scopes_dir,
+        check_interval=settings.scopes_reload_interval,
+        forbidden_policies=ForbiddenPolicies.of(
+            settings.vault.forbidden_policies if settings.vault else ()
+        ),
+    )
     http = http or httpx.Client(timeout=httpx.Timeout(5.0), follow_redirects=False)
     verifier = TokenVerifier(
         settings.issuers, http, clock=clock, allow_http_loopback=settings.dev_mode

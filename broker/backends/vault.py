@@ -8,8 +8,10 @@ login (re-done before the token expires; the JWT file is re-read each time). Wha
 - ``vault_token``: a service token created through the configured token role (which should be
   ``orphan=true``, so the tokens do not die with the broker's own token), carrying the template's
   policies, ``ttl`` = ``explicit_max_ttl`` = the task's TTL, ``num_uses`` = the template's use
-  count, non-renewable, and metadata naming the cluster, task and credential. A policy named
-  ``root`` or whose text grants ``sudo`` is refused before anything is created.
+  count, non-renewable, and metadata naming the cluster, task and credential. A policy Vault
+  would read as ``root`` or as one of ``forbidden_policies`` (names compared after Vault's own
+  normalisation, :mod:`broker.domain.vault_policies`), or whose text grants ``sudo``, is refused
+  before anything is created.
 - ``vault_database``: dynamic database credentials. A broker-internal *lease owner* token (made
   through ``lease_token_role``, carrying the same metadata) reads ``MOUNT/creds/ROLE``; the lease
   is shortened to the task's TTL. Revoking the lease (by lease id) drops the database user;
@@ -42,13 +44,12 @@ from broker.backends.base import (
     RevokeRef,
 )
 from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
+from broker.domain.vault_policies import ForbiddenPolicies, vault_policy_name
 from broker.errors import InvalidRequest, ServiceUnavailable
 from broker.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 
-#: Policies no template may hand out, whatever Vault's token role would allow.
-FORBIDDEN_POLICIES = frozenset({"root"})
 #: A policy granting ``sudo`` on any path is refused (HCL and JSON both quote capabilities).
 _SUDO = re.compile(r"""["']sudo["']""", re.IGNORECASE)
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -257,6 +258,8 @@ class VaultBackend:
         self.clock = clock
         self.auth = VaultAuth(settings, clock)
         self._local = threading.local()
+        #: Policies no template may hand out, whatever Vault's token role would allow.
+        self.forbidden = ForbiddenPolicies.of(settings.forbidden_policies)
         self._policy_cache: dict[str, tuple[float, str | None]] = {}
         self._targets: dict[tuple[str, str], tuple[float, DatabaseTarget]] = {}
 
@@ -300,9 +303,11 @@ class VaultBackend:
                     raise InvalidRequest(
                         "a rendered policy name is not a plain Vault name", code="invalid_policy"
                     )
-                if policy in FORBIDDEN_POLICIES:
+                if policy in self.forbidden:
                     raise InvalidRequest(
-                        "the root policy can never be requested", code="forbidden_policy"
+                        "this policy can never be requested (root, or forbidden by the "
+                        "administrator)",
+                        code="forbidden_policy",
                     )
         elif isinstance(spec, VaultDatabaseBackend):
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", spec.role):
@@ -458,9 +463,14 @@ class VaultBackend:
                 self._revoke_accessor(obj.handle)
 
     def vet_policy(self, name: str) -> None:
-        """Refuse ``root`` and any policy whose text grants ``sudo`` (cached for a minute)."""
-        if name in FORBIDDEN_POLICIES:
-            raise InvalidRequest("the root policy can never be requested", code="forbidden_policy")
+        """Refuse ``root``, the forbidden policies and any policy whose text grants ``sudo``
+        (the text is cached for a minute). Names are compared as Vault normalises them."""
+        if name in self.forbidden:
+            raise InvalidRequest(
+                "this policy can never be requested (root, or forbidden by the administrator)",
+                code="forbidden_policy",
+            )
+        name = vault_policy_name(name)
         now = time.monotonic()
         cached = self._policy_cache.get(name)
         if cached is None or now - cached[0] > POLICY_CACHE_SECONDS:
@@ -514,7 +524,8 @@ class VaultBackend:
         return auth
 
     def _mint_token(self, request: MintRequest, spec: VaultTokenBackend) -> Minted:
-        policies = list(spec.policies)
+        # Sent as Vault will store them, so what was vetted is what is granted.
+        policies = list(dict.fromkeys(vault_policy_name(p) for p in spec.policies))
         for policy in policies:
             self.vet_policy(policy)
         auth = self._create_token(
@@ -530,7 +541,7 @@ class VaultBackend:
         accessor = str(auth["accessor"])
         lease = int(auth.get("lease_duration") or 0)
         granted = list(auth.get("token_policies") or auth.get("policies") or [])
-        if lease <= 0 or lease > request.ttl or FORBIDDEN_POLICIES.intersection(granted):
+        if lease <= 0 or lease > request.ttl or self.forbidden.first_in(granted) is not None:
             # Vault gave more than asked (a misconfigured role): take it back, fail closed.
             with contextlib.suppress(Exception):
                 self._revoke_accessor(accessor)

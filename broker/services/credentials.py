@@ -185,7 +185,7 @@ class CredentialService:
         idempotency_key: str | None,
     ) -> tuple[Credential, MintRequest, Backend]:
         template = loaded.template
-        spec = render_backend(template, task.params)
+        spec = render_backend(template, task.params, forbidden=loaded.forbidden_policies)
         backend_name = BACKEND_FOR_TYPE[spec.type]
         backend = self.backends.get(backend_name)
         if backend is None:
