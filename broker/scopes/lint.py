@@ -301,9 +301,9 @@ def _check_jwt(t: ScopeTemplate, spec: BrokerJwtBackend, used: set[str]) -> list
     return out
 
 
-def check_template(
+def check_template(  # noqa: PLR0912  # one branch per documented rule
     template: ScopeTemplate, *, forbidden: ForbiddenPolicies = ROOT_ONLY
-) -> list[Finding]:  # noqa: PLR0912  # one branch per documented rule
+) -> list[Finding]:
     """Every semantic finding for one (schema-valid) template."""
     out: list[Finding] = []
     spec = template.backend

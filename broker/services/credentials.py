@@ -253,6 +253,9 @@ class CredentialService:
                     idempotency_key=None,
                     next_attempt_at=now,
                     last_error=(exc.internal or exc.detail)[:500],
+                    # Whatever the backend made, it made before this: it bounds an STS
+                    # session's issue time, and a lease's creation, for the reaper.
+                    details={**cred.details, "mint_call_ended_at": now},
                 )
             else:
                 repo.update_credential(

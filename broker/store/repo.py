@@ -964,17 +964,35 @@ def kill_switches(
     *,
     target: str | None = None,
     live_at: float | None = None,
-    limit: int = 1000,
+    unexpired_at: float | None = None,
+    limit: int | None = 1000,
 ) -> list[dict[str, Any]]:
-    """Kill switch entries; with ``live_at``, only those neither lifted nor expired then."""
+    """Kill switch entries; with ``live_at``, only those neither lifted nor expired then; with
+    ``unexpired_at``, lifted ones too as long as they have not expired. ``limit=None``: all
+    (what the policy is rendered from: a cut list would drop denies)."""
     k = t.kill_switches.c
     query = select(t.kill_switches)
     if target is not None:
         query = query.where(k.target == target)
     if live_at is not None:
         query = query.where(k.lifted_at.is_(None), k.expires_at > live_at)
-    rows = conn.execute(query.order_by(k.created_at).limit(limit)).mappings()
-    return [dict(r) for r in rows]
+    if unexpired_at is not None:
+        query = query.where(k.expires_at > unexpired_at)
+    query = query.order_by(k.created_at)
+    if limit is not None:
+        query = query.limit(limit)
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def unexpired_credentials(conn: Connection, backend: str, since: float) -> list[Credential]:
+    """Every credential of ``backend`` that may still be valid after ``since`` (any state)."""
+    c = t.credentials.c
+    rows = conn.execute(
+        select(t.credentials).where(
+            c.backend == backend, c.expires_at.is_(None) | (c.expires_at > since)
+        )
+    ).mappings()
+    return [_credential(r) for r in rows]
 
 
 def kill_switch_targets(conn: Connection, since: float) -> list[tuple[str, str]]:

@@ -151,9 +151,7 @@ def test_forbidden_policies_are_refused_in_any_spelling_vault_accepts(
     """With ``forbidden_policies: [kv-write]``, the plan refuses ``KV-Write`` and ``ROOT`` (the
     token role would have granted kv-write), vetting refuses them too, and an allowed policy in
     capitals mints a token whose policy is the normalised name that was vetted."""
-    vault = VaultBackend(
-        openbao.vault_settings(forbidden_policies=[" KV-Write"]), cluster=cluster
-    )
+    vault = VaultBackend(openbao.vault_settings(forbidden_policies=[" KV-Write"]), cluster=cluster)
     for spelling in ("kv-write", "KV-Write", "ROOT", "Root"):
         spec = VaultTokenBackend(type="vault_token", policies=["kv-read", spelling])
         with pytest.raises(InvalidRequest) as refused:
@@ -165,7 +163,9 @@ def test_forbidden_policies_are_refused_in_any_spelling_vault_accepts(
     minted = vault.mint(
         planned(
             vault,
-            mint_request(VaultTokenBackend(type="vault_token", policies=["KV-Read"]), cluster=cluster),
+            mint_request(
+                VaultTokenBackend(type="vault_token", policies=["KV-Read"]), cluster=cluster
+            ),
         )
     )
     info = lookup(openbao, minted.secret["token"])
