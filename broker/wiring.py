@@ -28,7 +28,7 @@ from broker.services.revocation import Revoker
 from broker.services.sessions import SessionService
 from broker.services.tasks import ExpiryLoop, TaskService
 from broker.settings import Settings
-from broker.store import Database
+from broker.store import Database, repo
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,17 @@ class Broker:
             except ServiceUnavailable as exc:
                 checks[f"backend:{name}"] = exc.code
         return checks
+
+    def revocations(self) -> dict[str, int]:
+        """Counts for operators and probes: revocations still being retried, and those among
+        them where something of the credential may still live (``revocation_unconfirmed``)."""
+        try:
+            with self.db.read() as conn:
+                states = repo.count_credentials_by_state(conn)
+                unconfirmed = repo.count_unconfirmed_revocations(conn)
+        except BrokerError:
+            return {}
+        return {"pending": states.get("revoke_pending", 0), "unconfirmed": unconfirmed}
 
     def start(self) -> None:
         """Start background work (audit export, checkpoints and use ingest, reaper)."""

@@ -37,10 +37,12 @@ import requests
 
 from broker.backends.base import (
     BackendObject,
+    LeaseInfo,
     Minted,
     MintOutcomeUnknown,
     MintRequest,
     Revocation,
+    RevocationUnconfirmed,
     RevokeRef,
 )
 from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
@@ -314,6 +316,8 @@ class VaultBackend:
                 raise InvalidRequest(
                     "a rendered database role is not a plain Vault name", code="invalid_role"
                 )
+            # Where a lease of this mint would live, should its answer be lost.
+            return {"meta": self._meta(request), "mount": spec.mount, "role": spec.role}
         else:
             raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
         return {"meta": self._meta(request)}
@@ -334,25 +338,35 @@ class VaultBackend:
         raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
 
     def revoke(self, ref: RevokeRef) -> None:
+        """Revoke, then confirm: a token by accessor; a database lease by lease id and its
+        owner token, then the lease looked up (``RevocationUnconfirmed`` while it exists);
+        without a handle, every token carrying the credential's metadata, each confirmed gone.
+        A lease whose id was never seen is confirmed by the caller (:meth:`leases`)."""
         try:
             if ref.handle is None:
-                self._revoke_by_metadata(ref.credential_id)
+                remaining = [
+                    a
+                    for a in self._revoke_by_metadata(ref.credential_id)
+                    if not self._accessor_gone(a)
+                ]
+                if remaining:
+                    raise RevocationUnconfirmed(
+                        internal=f"{len(remaining)} token(s) of {ref.credential_id} still exist"
+                    )
                 return
             # The intent records the template's type; the issuance record the minted kind.
             if ref.kind == "vault_token":
                 self._revoke_accessor(ref.handle)
             elif ref.kind in ("vault_lease", "vault_database"):
-                self.client.adapter.put("/v1/sys/leases/revoke", json={"lease_id": ref.handle})
+                self._revoke_lease(ref.handle)
                 owner = ref.details.get("lease_owner_accessor")
                 if owner:
                     self._revoke_accessor(str(owner))
+                if self._lease_info(ref.handle) is not None:
+                    raise RevocationUnconfirmed(internal=f"lease {ref.handle} still exists")
             else:
                 raise InvalidRequest(f"the vault backend cannot revoke {ref.kind!r}")
         except hvac.exceptions.InvalidRequest as exc:
-            # A lease or accessor that no longer exists is already revoked.
-            text = str(exc).lower()
-            if any(s in text for s in ("invalid accessor", "lease not found", "invalid lease")):
-                return
             raise ServiceUnavailable(
                 "OpenBao/Vault refused the revocation", internal=repr(exc)[:500]
             ) from None
@@ -362,6 +376,55 @@ class VaultBackend:
             raise ServiceUnavailable(
                 "OpenBao/Vault refused the revocation", internal=repr(exc)[:500]
             ) from None
+
+    def _revoke_lease(self, lease_id: str) -> None:
+        try:
+            self.client.adapter.put("/v1/sys/leases/revoke", json={"lease_id": lease_id})
+        except hvac.exceptions.InvalidRequest as exc:
+            # A lease that no longer exists is already revoked.
+            text = str(exc).lower()
+            if not any(s in text for s in ("lease not found", "invalid lease")):
+                raise
+
+    def _lease_info(self, lease_id: str) -> LeaseInfo | None:
+        """The lease if it still exists (``sys/leases/lookup``), else None."""
+        try:
+            data = self.client.adapter.put("/v1/sys/leases/lookup", json={"lease_id": lease_id})[
+                "data"
+            ]
+        except hvac.exceptions.InvalidRequest as exc:
+            if "invalid lease" in str(exc).lower():
+                return None
+            raise
+        return LeaseInfo(
+            lease_id=str(data.get("id") or lease_id),
+            issued_at=_vault_time(data.get("issue_time")),
+            expires_at=_vault_time(data.get("expire_time")),
+        )
+
+    def leases(self, mount: str, role: str) -> list[LeaseInfo]:
+        """Every lease that exists under ``MOUNT/creds/ROLE/`` (needs ``list`` + ``sudo`` on
+        ``sys/leases/lookup/MOUNT/creds/*`` and ``update`` on ``sys/leases/lookup``). A lease
+        being revoked (its owner token already gone) is still listed until it is."""
+        prefix = f"{mount}/creds/{role}/"
+        try:
+            try:
+                listing = self.client.adapter.list(f"/v1/sys/leases/lookup/{prefix}")
+            except hvac.exceptions.InvalidPath:
+                listing = None  # no lease under the prefix
+            keys = ((listing or {}).get("data") or {}).get("keys") or []
+            found = [
+                self._lease_info(prefix + str(key)) for key in keys if not str(key).endswith("/")
+            ]
+        except requests.exceptions.RequestException as exc:
+            raise _unavailable(exc, "OpenBao/Vault did not list its leases") from None
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceUnavailable(
+                "OpenBao/Vault refused to list the role's leases",
+                code="backend_refused",
+                internal=repr(exc)[:500],
+            ) from None
+        return [lease for lease in found if lease is not None]
 
     def health(self) -> None:
         try:
@@ -396,9 +459,13 @@ class VaultBackend:
     def maintain(self) -> None:
         self.auth.maintain()
 
-    def inventory(self, cluster: str) -> Iterator[BackendObject]:
+    def inventory(self, cluster: str, *, strict: bool = False) -> Iterator[BackendObject]:
         """Every token carrying this cluster's metadata (needs ``list`` + ``sudo`` on
-        ``auth/token/accessors``); one lookup per token, so it runs at the orphan interval."""
+        ``auth/token/accessors``); one lookup per token, so it runs at the orphan interval.
+
+        A token that cannot be looked up is skipped when it is gone (expired or revoked since
+        the listing); with ``strict`` (confirming a revocation), any other lookup error raises
+        rather than let a token go unseen."""
         try:
             listing = self.client.adapter.list("/v1/auth/token/accessors")
         except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
@@ -409,8 +476,14 @@ class VaultBackend:
                 data = self.client.adapter.post(
                     "/v1/auth/token/lookup-accessor", json={"accessor": accessor}
                 )["data"]
-            except hvac.exceptions.VaultError:
+            except hvac.exceptions.InvalidRequest as exc:
+                if strict and "invalid accessor" not in str(exc).lower():
+                    raise _unavailable(exc, "OpenBao/Vault did not look a token up") from None
                 continue  # expired or revoked since the listing
+            except hvac.exceptions.VaultError as exc:
+                if strict:
+                    raise _unavailable(exc, "OpenBao/Vault did not look a token up") from None
+                continue
             except requests.exceptions.RequestException as exc:
                 raise _unavailable(exc) from None
             meta = data.get("meta") or {}
@@ -456,11 +529,15 @@ class VaultBackend:
             return False
         return False
 
-    def _revoke_by_metadata(self, credential_id: str) -> None:
-        """Revoke whatever carries this credential id (a mint whose outcome was unknown)."""
-        for obj in self.inventory(self.cluster):
+    def _revoke_by_metadata(self, credential_id: str) -> list[str]:
+        """Revoke whatever carries this credential id (a mint whose outcome was unknown);
+        returns the accessors revoked."""
+        revoked = []
+        for obj in self.inventory(self.cluster, strict=True):
             if obj.credential_id == credential_id:
                 self._revoke_accessor(obj.handle)
+                revoked.append(obj.handle)
+        return revoked
 
     def vet_policy(self, name: str) -> None:
         """Refuse ``root``, the forbidden policies and any policy whose text grants ``sudo``

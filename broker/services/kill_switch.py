@@ -92,6 +92,16 @@ def issue_window(cred: Credential) -> tuple[float, float] | None:
     return None
 
 
+def _exact_issue_time(entry: KillSwitch) -> float | None:
+    """The issue time STS reported for an ended session, when its entry was made from it
+    (a window of ``2 * ISSUE_TIME_MARGIN`` around it; a lost mint's window is wider)."""
+    if entry.issued_from is None or entry.issued_until is None:
+        return None
+    if entry.issued_until - entry.issued_from > 2 * sts_deny.ISSUE_TIME_MARGIN + 1e-6:
+        return None
+    return (entry.issued_from + entry.issued_until) / 2
+
+
 def _aws_issue_time(cred: Credential) -> float | None:
     duration = cred.details.get("duration")
     if cred.handle and cred.expires_at is not None and duration:
@@ -167,8 +177,10 @@ class KillSwitches:
         with self.db.write() as conn:
             existing = [
                 KillSwitch.of(r)
-                for r in repo.kill_switches(conn, target=str(role_arn), live_at=now, limit=None)
-                if r["kind"] == SOURCE_IDENTITY and r["value"] == source_identity
+                for r in repo.kill_switches(
+                    conn, target=str(role_arn), value=str(source_identity), live_at=now, limit=None
+                )
+                if r["kind"] == SOURCE_IDENTITY
             ]
             same = [
                 e
@@ -278,26 +290,39 @@ class KillSwitches:
             return [KillSwitch.of(r) for r in repo.kill_switches(conn, limit=limit)]
 
     def desired(self, role_arn: str) -> sts_deny.RoleDenyState:
-        """What the role's policy must deny and let through, from one read of the store."""
+        """What the role's policy must deny and let through, from one read of the store: the
+        role's unexpired entries (light rows) and its live credentials (few)."""
         backend = self._require_backend()
         now = self.clock()
         with self.db.read() as conn:
-            rows = repo.kill_switches(conn, target=role_arn, unexpired_at=now, limit=None)
+            entries = [
+                KillSwitch.of(r)
+                for r in repo.kill_switches(conn, target=role_arn, unexpired_at=now, limit=None)
+            ]
+            lifted = {
+                e.credential_id: e.value
+                for e in entries
+                if e.kind == SOURCE_IDENTITY and e.lifted_at is not None and e.credential_id
+            }
             creds = [
                 c
-                for c in repo.unexpired_credentials(conn, backend.name, now - EXPIRY_SKEW)
+                for c in repo.unexpired_credentials(
+                    conn,
+                    backend.name,
+                    now - EXPIRY_SKEW,
+                    states=(CredentialState.MINTING, CredentialState.ACTIVE),
+                    or_ids=sorted(lifted),
+                )
                 if c.details.get("role_arn") == role_arn
             ]
-        entries = [KillSwitch.of(r) for r in rows]
         live_entries = [e for e in entries if e.lifted_at is None]
         moments = [float(e.value) for e in live_entries if e.kind == ISSUED_BEFORE]
         ended: dict[str, list[KillSwitch]] = {}
         for e in live_entries:
             if e.kind == SOURCE_IDENTITY:
                 ended.setdefault(e.value, []).append(e)
-        lifted = {e.value for e in entries if e.kind == SOURCE_IDENTITY and e.lifted_at is not None}
+        issue_times = [t for e in live_entries if (t := _exact_issue_time(e)) is not None]
         live: list[sts_deny.SessionWindow] = []
-        issue_times: list[float] = []
         for cred in creds:
             issued = _aws_issue_time(cred)
             if issued is not None:
@@ -308,9 +333,7 @@ class KillSwitches:
             if cred.state is CredentialState.MINTING:
                 # Under way: it may be issued at any moment, so no segment may reach it.
                 live.append(sts_deny.SessionWindow(sid))
-            elif cred.state is CredentialState.ACTIVE or (
-                cred.state is CredentialState.REVOKED and sid in lifted
-            ):
+            elif cred.state is CredentialState.ACTIVE or lifted.get(cred.id) == sid:
                 window = issue_window(cred)
                 live.append(
                     sts_deny.SessionWindow(sid, *window)
@@ -321,7 +344,8 @@ class KillSwitches:
             cluster=backend.cluster,
             ended=[_ended_window(sid, group) for sid, group in sorted(ended.items())],
             live=live,
-            # A mint starting after this read is issued after every recorded one (AWS's clock).
+            # A mint starting after this read is issued after every recorded one (AWS's clock);
+            # fewer known issue times only make the horizon earlier, which is always safe.
             horizon=max(issue_times) - sts_deny.ISSUE_TIME_MARGIN if issue_times else -math.inf,
             issued_before=max(moments) if moments else None,
         )

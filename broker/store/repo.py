@@ -19,6 +19,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from broker.domain.audit import AuditEvent, chain_hash, sanitize_attributes
 from broker.domain.principal import Principal
@@ -924,6 +925,32 @@ def tasks_of_ended_sessions(
     return [_task(r) for r in conn.execute(query).mappings()]
 
 
+def credentials_by_handles(
+    conn: Connection, backend: str, handles: Sequence[str]
+) -> dict[str, Credential]:
+    """Handle -> credential, for those of ``handles`` a record of ``backend`` holds."""
+    if not handles:
+        return {}
+    c = t.credentials.c
+    rows = conn.execute(
+        select(t.credentials).where(c.backend == backend, c.handle.in_(list(handles)))
+    ).mappings()
+    return {str(r["handle"]): _credential(r) for r in rows}
+
+
+def count_unconfirmed_revocations(conn: Connection) -> int:
+    """Credentials left ``revoke_pending`` because something of them may still live."""
+    c = t.credentials.c
+    return int(
+        conn.execute(
+            select(func.count()).where(
+                c.state == CredentialState.REVOKE_PENDING.value,
+                c.last_error.like("revocation_unconfirmed:%"),
+            )
+        ).scalar_one()
+    )
+
+
 def credentials_by_ids(conn: Connection, ids: Sequence[str]) -> dict[str, Credential]:
     if not ids:
         return {}
@@ -963,6 +990,7 @@ def kill_switches(
     conn: Connection,
     *,
     target: str | None = None,
+    value: str | None = None,
     live_at: float | None = None,
     unexpired_at: float | None = None,
     limit: int | None = 1000,
@@ -974,6 +1002,8 @@ def kill_switches(
     query = select(t.kill_switches)
     if target is not None:
         query = query.where(k.target == target)
+    if value is not None:
+        query = query.where(k.value == value)
     if live_at is not None:
         query = query.where(k.lifted_at.is_(None), k.expires_at > live_at)
     if unexpired_at is not None:
@@ -984,12 +1014,23 @@ def kill_switches(
     return [dict(r) for r in conn.execute(query).mappings()]
 
 
-def unexpired_credentials(conn: Connection, backend: str, since: float) -> list[Credential]:
-    """Every credential of ``backend`` that may still be valid after ``since`` (any state)."""
+def unexpired_credentials(
+    conn: Connection,
+    backend: str,
+    since: float,
+    *,
+    states: Sequence[CredentialState],
+    or_ids: Sequence[str] = (),
+) -> list[Credential]:
+    """Credentials of ``backend`` that may still be valid after ``since``, in ``states`` (or
+    among ``or_ids``, whatever their state)."""
     c = t.credentials.c
+    wanted: ColumnElement[bool] = c.state.in_([s.value for s in states])
+    if or_ids:
+        wanted = wanted | c.id.in_(list(or_ids))
     rows = conn.execute(
         select(t.credentials).where(
-            c.backend == backend, c.expires_at.is_(None) | (c.expires_at > since)
+            c.backend == backend, c.expires_at.is_(None) | (c.expires_at > since), wanted
         )
     ).mappings()
     return [_credential(r) for r in rows]
