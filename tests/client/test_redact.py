@@ -66,9 +66,8 @@ def test_captured_output_is_redacted_before_it_is_cut() -> None:
     of) the marker, never the secret's first characters; the cut is reported."""
     limit = 1000
     for offset in (1, 5, len(SECRET) - 1):
-        script = "import sys; sys.stdout.write('A' * %d + sys.argv[1] + 'B' * 100)" % (
-            limit - offset
-        )
+        pad = limit - offset
+        script = f"import sys; sys.stdout.write('A' * {pad} + sys.argv[1] + 'B' * 100)"
         result = run(
             [sys.executable, "-c", script, SECRET],
             {"PATH": ""},
