@@ -184,7 +184,12 @@ def build_broker(
     if backends is None:
         backends = default_backends(settings, keyring=keyring, clock=clock)
     sts = backends.get("aws_sts")
-    kill_switches = KillSwitches(db, sts if isinstance(sts, KillSwitchBackend) else None, clock)
+    kill_switches = KillSwitches(
+        db,
+        sts if isinstance(sts, KillSwitchBackend) else None,
+        clock,
+        cluster=settings.cluster_name,
+    )
     revoker = Revoker(db, backends, clock, kill_switches)
     notifier = WebhookNotifier(settings, db, clock)
     tasks = TaskService(

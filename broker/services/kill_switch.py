@@ -56,8 +56,6 @@ class KillSwitchBackend(Protocol):
     """What a deny-list backend offers: read, size and write one role's kill-switch policy."""
 
     name: str
-    #: The value of the ``broker:cluster`` session tag on every session this backend mints.
-    cluster: str
 
     def read_kill_switch(self, role_arn: str) -> dict[str, Any] | None: ...
 
@@ -140,10 +138,19 @@ def _actor(actor: Principal | None) -> str:
 class KillSwitches:
     """Sets, lifts and reconciles kill switches."""
 
-    def __init__(self, db: Database, backend: KillSwitchBackend | None, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        backend: KillSwitchBackend | None,
+        clock: Clock,
+        *,
+        cluster: str = "broker",
+    ) -> None:
         self.db = db
         self.backend = backend
         self.clock = clock
+        #: ``cluster_name``: the ``broker:cluster`` session tag every session minted carries.
+        self.cluster = cluster
 
     def _require_backend(self) -> KillSwitchBackend:
         if self.backend is None:
@@ -341,7 +348,7 @@ class KillSwitches:
                     else sts_deny.SessionWindow(sid)
                 )
         return sts_deny.RoleDenyState(
-            cluster=backend.cluster,
+            cluster=self.cluster,
             ended=[_ended_window(sid, group) for sid, group in sorted(ended.items())],
             live=live,
             # A mint starting after this read is issued after every recorded one (AWS's clock);
@@ -352,9 +359,8 @@ class KillSwitches:
 
     def render(self, role_arn: str) -> dict[str, Any] | None:
         """The role's policy document as it must be now (``None``: nothing to deny)."""
-        backend = self._require_backend()
         state = self.desired(role_arn)
-        return sts_deny.document(sts_deny.plan(state), state.cluster or backend.cluster)
+        return sts_deny.document(sts_deny.plan(state), state.cluster)
 
     def apply(self, role_arn: str) -> dict[str, Any] | None:
         """Write the role's policy from the store (raises ``ServiceUnavailable``, e.g.
