@@ -287,6 +287,9 @@ class VaultSettings(BaseModel):
     token_role: str | None = None
     #: Token role for the broker-internal tokens that own dynamic database leases.
     lease_token_role: str | None = None
+    #: Policies no template may grant besides ``root`` (compared as Vault normalises names:
+    #: trimmed, lowercased), refused by the template loader, the renderer and the backend.
+    forbidden_policies: list[str] = Field(default_factory=list)
     namespace: str | None = None
     timeout: float = Field(default=5.0, gt=0)
     verify_tls: bool = True

@@ -13,6 +13,7 @@ import httpx
 
 from broker.audit.uses import UseRecorder
 from broker.backends.base import Backend
+from broker.domain.vault_policies import ForbiddenPolicies
 from broker.errors import BrokerError, ConfigurationError, ServiceUnavailable
 from broker.keyring import KeyRing, PublishedKeys
 from broker.oidc.verifier import TokenVerifier
@@ -29,7 +30,7 @@ from broker.services.revocation import Revoker
 from broker.services.sessions import SessionService
 from broker.services.tasks import ExpiryLoop, TaskService
 from broker.settings import Settings
-from broker.store import Database
+from broker.store import Database, repo
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,17 @@ class Broker:
                 checks[f"backend:{name}"] = exc.code
         return checks
 
+    def revocations(self) -> dict[str, int]:
+        """Counts for operators and probes: revocations still being retried, and those among
+        them where something of the credential may still live (``revocation_unconfirmed``)."""
+        try:
+            with self.db.read() as conn:
+                states = repo.count_credentials_by_state(conn)
+                unconfirmed = repo.count_unconfirmed_revocations(conn)
+        except BrokerError:
+            return {}
+        return {"pending": states.get("revoke_pending", 0), "unconfirmed": unconfirmed}
+
     def start(self) -> None:
         """Start background work (audit export, checkpoints and use ingest, reaper)."""
         from broker.audit.runtime import AuditRuntime
@@ -201,7 +213,13 @@ def build_broker(
 ) -> Broker:
     """Construct a broker; outward clients can be injected (tests, benchmarks)."""
     db = Database(settings.effective_database_url)
-    catalog = ScopeCatalog(settings.scopes_dir, check_interval=settings.scopes_reload_interval)
+    catalog = ScopeCatalog(
+        settings.scopes_dir,
+        check_interval=settings.scopes_reload_interval,
+        forbidden_policies=ForbiddenPolicies.of(
+            settings.vault.forbidden_policies if settings.vault else ()
+        ),
+    )
     http = http or httpx.Client(timeout=httpx.Timeout(5.0), follow_redirects=False)
     verifier = TokenVerifier(
         settings.issuers, http, clock=clock, allow_http_loopback=settings.dev_mode
@@ -210,7 +228,12 @@ def build_broker(
     if backends is None:
         backends = default_backends(settings, keyring=keyring, clock=clock)
     sts = backends.get("aws_sts")
-    kill_switches = KillSwitches(db, sts if isinstance(sts, KillSwitchBackend) else None, clock)
+    kill_switches = KillSwitches(
+        db,
+        sts if isinstance(sts, KillSwitchBackend) else None,
+        clock,
+        cluster=settings.cluster_name,
+    )
     revoker = Revoker(db, backends, clock, kill_switches)
     notifier = WebhookNotifier(settings, db, clock)
     tasks = TaskService(

@@ -5,14 +5,13 @@ The broker's own AWS identity comes from the standard credential chain (environm
 files, container or instance role, web identity).
 
 STS credentials cannot be revoked one by one. What the broker offers instead (see
-``docs/backends.md``) are kill switches, written as one inline policy on the role:
+``docs/backends.md``) are kill switches, written as one inline policy on the role and rendered
+by :mod:`broker.backends.sts_deny` from the store: ended sessions denied by issue-time segments
+(with exceptions for live ones) or by their ``aws:SourceIdentity`` (one per credential, it
+survives role chaining), and per role ``Deny *`` for sessions issued before a moment.
 
-- per task: ``Deny *`` for sessions whose ``aws:SourceIdentity`` is the task's (every credential
-  the broker mints for a task carries the task's SourceIdentity, and it survives role chaining);
-- per role: ``Deny *`` for sessions whose ``aws:TokenIssueTime`` is before a moment.
-
-The broker keeps the desired entries in its store; this module only reads and writes the
-policy document (``read_kill_switch``/``write_kill_switch``).
+This module only reads, sizes and writes the policy document (``read_kill_switch``,
+``kill_switch_budget``, ``write_kill_switch``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from broker.backends import sts_rules
+from broker.backends import sts_deny, sts_rules
 from broker.backends.base import Minted, MintOutcomeUnknown, MintRequest, Revocation, RevokeRef
 from broker.domain.scope import AwsStsBackend as AwsStsSpec
 from broker.errors import InvalidRequest, ServiceUnavailable
@@ -98,6 +97,7 @@ class AwsStsBackend:
         self._sts: STSClient | None = None
         self._iam: IAMClient | None = None
         self._roles: dict[str, tuple[float, int | None]] = {}
+        self._budgets: dict[str, tuple[float, int]] = {}
         self._caller: tuple[float, str] | None = None
         self.role_checks = "on" if settings.verify_roles else "off"
 
@@ -171,7 +171,7 @@ class AwsStsBackend:
         params: dict[str, Any] = {
             "RoleArn": spec.role_arn,
             "RoleSessionName": sts_rules.role_session_name(request.credential_id, request.subject),
-            "SourceIdentity": sts_rules.source_identity(request.task_id, request.subject),
+            "SourceIdentity": sts_rules.source_identity(request.credential_id, request.subject),
             "DurationSeconds": sts_rules.duration(
                 request.ttl, template_cap=spec.role_max_session, role_max=role_max, chained=chained
             ),
@@ -285,7 +285,8 @@ class AwsStsBackend:
             "region": self.settings.region,
             "endpoint_url": self.settings.endpoint_url,
             "kinds": ["aws_sts"],
-            "revocation": "kill switch (deny by SourceIdentity per task, by TokenIssueTime per role)",
+            "revocation": "kill switch (ended sessions denied by issue-time segments with "
+            "exceptions for live ones, or by SourceIdentity; per role by TokenIssueTime)",
             "role_checks": self.role_checks,
             "kill_switch_policy": self.settings.kill_switch_policy,
         }
@@ -363,11 +364,44 @@ class AwsStsBackend:
             document = json.loads(unquote(document))
         return dict(document)
 
+    def kill_switch_budget(self, role_arn: str) -> int:
+        """Characters left for the kill switch among the role's inline policies (IAM counts
+        them together, whitespace excluded); the others are re-read every few minutes."""
+        cached = self._budgets.get(role_arn)
+        if cached is not None and time.monotonic() - cached[0] < ROLE_CACHE_SECONDS:
+            return cached[1]
+        name = role_name(role_arn)
+        others = 0
+        try:
+            paginator = self.iam.get_paginator("list_role_policies")
+            for page in paginator.paginate(RoleName=name):
+                for policy in page["PolicyNames"]:
+                    if policy == self.settings.kill_switch_policy:
+                        continue
+                    text: Any = self.iam.get_role_policy(RoleName=name, PolicyName=policy)[
+                        "PolicyDocument"
+                    ]
+                    if not isinstance(text, str):
+                        text = json.dumps(text, separators=(",", ":"))
+                    others += sts_deny.policy_chars(unquote(text))
+        except botocore.exceptions.ClientError as exc:
+            raise ServiceUnavailable(
+                "IAM refused to list the role's policies",
+                code="backend_refused",
+                internal=f"{_error_code(exc)}: {exc}"[:500],
+            ) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise ServiceUnavailable(
+                "IAM is unavailable", code="backend_unavailable", internal=repr(exc)[:500]
+            ) from None
+        budget = sts_deny.inline_budget(others)
+        self._budgets[role_arn] = (time.monotonic(), budget)
+        return budget
+
     def write_kill_switch(
-        self, role_arn: str, source_identities: Iterable[str], issued_before: float | None
+        self, role_arn: str, document: dict[str, Any] | None
     ) -> dict[str, Any] | None:
-        """Make the role's kill-switch policy deny exactly these; returns what was written."""
-        document = sts_rules.kill_switch_document(source_identities, issued_before)
+        """Make the role's kill-switch policy exactly ``document`` (None: delete it)."""
         try:
             if document is None:
                 try:
@@ -378,18 +412,19 @@ class AwsStsBackend:
                     if _error_code(exc) != "NoSuchEntity":
                         raise
                 return None
-            text = sts_rules.kill_switch_text(document)
             self.iam.put_role_policy(
                 RoleName=role_name(role_arn),
                 PolicyName=self.settings.kill_switch_policy,
-                PolicyDocument=text,
+                PolicyDocument=sts_deny.compact(document),
             )
-        except InvalidRequest as exc:
-            raise ServiceUnavailable(exc.detail, code=exc.code, internal=exc.internal) from None
         except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) == "LimitExceeded":
+                self._budgets.pop(role_arn, None)  # another inline policy grew: measure again
             raise ServiceUnavailable(
                 "IAM refused to write the kill switch",
-                code="backend_refused",
+                code="kill_switch_full"
+                if _error_code(exc) == "LimitExceeded"
+                else "backend_refused",
                 internal=f"{_error_code(exc)}: {exc}"[:500],
             ) from None
         except botocore.exceptions.BotoCoreError as exc:

@@ -126,6 +126,33 @@ class CredentialExpired(ServiceUnavailable):
     title = "The credential has expired at the backend"
 
 
+class RevocationUnconfirmed(ServiceUnavailable):
+    """The revocation ran, but the backend still holds something that is (or may be) the
+    credential: it is not recorded as revoked, and the reaper tries again."""
+
+    code = "revocation_unconfirmed"
+    title = "The backend could not confirm that nothing of the credential lives"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """A live lease as the backend lists it (no owner: Vault's lease lookup names none)."""
+
+    lease_id: str
+    issued_at: float | None
+    expires_at: float | None
+
+
+@runtime_checkable
+class Leases(Protocol):
+    """A backend that can list the live leases of a dynamic-secret role (Vault's database
+    engine), so a lost mint can be confirmed gone."""
+
+    def leases(self, mount: str, role: str) -> list[LeaseInfo]:
+        """Every lease under ``MOUNT/creds/ROLE/`` that still exists, with its issue time."""
+        ...
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A source of short-lived credentials."""

@@ -80,10 +80,11 @@ def role_session_name(credential_id: str, subject: str) -> str:
     return check_name(sanitize_name(f"{credential_id}.{subject}"), "role session name")
 
 
-def source_identity(task_id: str, subject: str) -> str:
-    """``<task id>.<subject>``: unique per task (the per-task kill switch denies exactly it),
-    survives role chaining, and names the principal in CloudTrail."""
-    value = sanitize_name(f"{task_id}.{subject}")
+def source_identity(credential_id: str, subject: str) -> str:
+    """``<credential id>.<subject>``: unique per credential, so the kill switch can deny one
+    session (a lost mint) while another of the same task (its retry) keeps working; it survives
+    role chaining and names the principal in CloudTrail."""
+    value = sanitize_name(f"{credential_id}.{subject}")
     if value.lower().startswith("aws:"):
         # Cannot happen with a task id prefix (and ':' is outside the alphabet), but STS forbids
         # it, so the rule is stated here too.
@@ -293,59 +294,9 @@ def transitive_tag_keys(keys: Iterable[str], tags: Mapping[str, str]) -> list[st
     return values
 
 
-# --- kill switches ----------------------------------------------------------------------------
-
-#: Inline role policies share 10,240 characters (whitespace excluded) per role.
-ROLE_INLINE_POLICY_MAX_CHARS = 10_240
+# --- dates -------------------------------------------------------------------------------
 
 
 def iso_utc(ts: float) -> str:
+    """An IAM date (seconds, UTC)."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def kill_switch_document(
-    source_identities: Iterable[str], issued_before: float | None
-) -> dict[str, Any] | None:
-    """The inline role policy that denies everything to the listed sessions.
-
-    - per task: ``Deny *`` when ``aws:SourceIdentity`` is one of the tasks' source identities;
-    - per role: ``Deny *`` when ``aws:TokenIssueTime`` is before a moment (what the IAM console's
-      "Revoke active sessions" does): every session issued before it dies, new ones work.
-
-    ``None`` when there is nothing to deny (the policy is then deleted).
-    """
-    identities = sorted(set(source_identities))
-    statements: list[dict[str, Any]] = []
-    if identities:
-        statements.append(
-            {
-                "Sid": "BrokerKillTasks",
-                "Effect": "Deny",
-                "Action": "*",
-                "Resource": "*",
-                "Condition": {"StringEquals": {"aws:SourceIdentity": identities}},
-            }
-        )
-    if issued_before is not None:
-        statements.append(
-            {
-                "Sid": "BrokerKillIssuedBefore",
-                "Effect": "Deny",
-                "Action": "*",
-                "Resource": "*",
-                "Condition": {"DateLessThan": {"aws:TokenIssueTime": iso_utc(issued_before)}},
-            }
-        )
-    if not statements:
-        return None
-    return {"Version": "2012-10-17", "Statement": statements}
-
-
-def kill_switch_text(document: Mapping[str, Any]) -> str:
-    text = json.dumps(document, separators=(",", ":"))
-    if len(text) > ROLE_INLINE_POLICY_MAX_CHARS:
-        raise _refuse(
-            "the role's kill-switch policy is full; use the role-wide kill switch",
-            code="kill_switch_full",
-        )
-    return text

@@ -8,8 +8,10 @@ login (re-done before the token expires; the JWT file is re-read each time). Wha
 - ``vault_token``: a service token created through the configured token role (which should be
   ``orphan=true``, so the tokens do not die with the broker's own token), carrying the template's
   policies, ``ttl`` = ``explicit_max_ttl`` = the task's TTL, ``num_uses`` = the template's use
-  count, non-renewable, and metadata naming the cluster, task and credential. A policy named
-  ``root`` or whose text grants ``sudo`` is refused before anything is created.
+  count, non-renewable, and metadata naming the cluster, task and credential. A policy Vault
+  would read as ``root`` or as one of ``forbidden_policies`` (names compared after Vault's own
+  normalisation, :mod:`broker.domain.vault_policies`), or whose text grants ``sudo``, is refused
+  before anything is created.
 - ``vault_database``: dynamic database credentials. A broker-internal *lease owner* token (made
   through ``lease_token_role``, carrying the same metadata) reads ``MOUNT/creds/ROLE``; the lease
   is shortened to the task's TTL. Revoking the lease (by lease id) drops the database user;
@@ -35,20 +37,21 @@ import requests
 
 from broker.backends.base import (
     BackendObject,
+    LeaseInfo,
     Minted,
     MintOutcomeUnknown,
     MintRequest,
     Revocation,
+    RevocationUnconfirmed,
     RevokeRef,
 )
 from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
+from broker.domain.vault_policies import ForbiddenPolicies, vault_policy_name
 from broker.errors import InvalidRequest, ServiceUnavailable
 from broker.settings import VaultSettings
 
 log = logging.getLogger(__name__)
 
-#: Policies no template may hand out, whatever Vault's token role would allow.
-FORBIDDEN_POLICIES = frozenset({"root"})
 #: A policy granting ``sudo`` on any path is refused (HCL and JSON both quote capabilities).
 _SUDO = re.compile(r"""["']sudo["']""", re.IGNORECASE)
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -257,6 +260,8 @@ class VaultBackend:
         self.clock = clock
         self.auth = VaultAuth(settings, clock)
         self._local = threading.local()
+        #: Policies no template may hand out, whatever Vault's token role would allow.
+        self.forbidden = ForbiddenPolicies.of(settings.forbidden_policies)
         self._policy_cache: dict[str, tuple[float, str | None]] = {}
         self._targets: dict[tuple[str, str], tuple[float, DatabaseTarget]] = {}
 
@@ -300,15 +305,19 @@ class VaultBackend:
                     raise InvalidRequest(
                         "a rendered policy name is not a plain Vault name", code="invalid_policy"
                     )
-                if policy in FORBIDDEN_POLICIES:
+                if policy in self.forbidden:
                     raise InvalidRequest(
-                        "the root policy can never be requested", code="forbidden_policy"
+                        "this policy can never be requested (root, or forbidden by the "
+                        "administrator)",
+                        code="forbidden_policy",
                     )
         elif isinstance(spec, VaultDatabaseBackend):
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", spec.role):
                 raise InvalidRequest(
                     "a rendered database role is not a plain Vault name", code="invalid_role"
                 )
+            # Where a lease of this mint would live, should its answer be lost.
+            return {"meta": self._meta(request), "mount": spec.mount, "role": spec.role}
         else:
             raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
         return {"meta": self._meta(request)}
@@ -329,25 +338,35 @@ class VaultBackend:
         raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
 
     def revoke(self, ref: RevokeRef) -> None:
+        """Revoke, then confirm: a token by accessor; a database lease by lease id and its
+        owner token, then the lease looked up (``RevocationUnconfirmed`` while it exists);
+        without a handle, every token carrying the credential's metadata, each confirmed gone.
+        A lease whose id was never seen is confirmed by the caller (:meth:`leases`)."""
         try:
             if ref.handle is None:
-                self._revoke_by_metadata(ref.credential_id)
+                remaining = [
+                    a
+                    for a in self._revoke_by_metadata(ref.credential_id)
+                    if not self._accessor_gone(a)
+                ]
+                if remaining:
+                    raise RevocationUnconfirmed(
+                        internal=f"{len(remaining)} token(s) of {ref.credential_id} still exist"
+                    )
                 return
             # The intent records the template's type; the issuance record the minted kind.
             if ref.kind == "vault_token":
                 self._revoke_accessor(ref.handle)
             elif ref.kind in ("vault_lease", "vault_database"):
-                self.client.adapter.put("/v1/sys/leases/revoke", json={"lease_id": ref.handle})
+                self._revoke_lease(ref.handle)
                 owner = ref.details.get("lease_owner_accessor")
                 if owner:
                     self._revoke_accessor(str(owner))
+                if self._lease_info(ref.handle) is not None:
+                    raise RevocationUnconfirmed(internal=f"lease {ref.handle} still exists")
             else:
                 raise InvalidRequest(f"the vault backend cannot revoke {ref.kind!r}")
         except hvac.exceptions.InvalidRequest as exc:
-            # A lease or accessor that no longer exists is already revoked.
-            text = str(exc).lower()
-            if any(s in text for s in ("invalid accessor", "lease not found", "invalid lease")):
-                return
             raise ServiceUnavailable(
                 "OpenBao/Vault refused the revocation", internal=repr(exc)[:500]
             ) from None
@@ -357,6 +376,55 @@ class VaultBackend:
             raise ServiceUnavailable(
                 "OpenBao/Vault refused the revocation", internal=repr(exc)[:500]
             ) from None
+
+    def _revoke_lease(self, lease_id: str) -> None:
+        try:
+            self.client.adapter.put("/v1/sys/leases/revoke", json={"lease_id": lease_id})
+        except hvac.exceptions.InvalidRequest as exc:
+            # A lease that no longer exists is already revoked.
+            text = str(exc).lower()
+            if not any(s in text for s in ("lease not found", "invalid lease")):
+                raise
+
+    def _lease_info(self, lease_id: str) -> LeaseInfo | None:
+        """The lease if it still exists (``sys/leases/lookup``), else None."""
+        try:
+            data = self.client.adapter.put("/v1/sys/leases/lookup", json={"lease_id": lease_id})[
+                "data"
+            ]
+        except hvac.exceptions.InvalidRequest as exc:
+            if "invalid lease" in str(exc).lower():
+                return None
+            raise
+        return LeaseInfo(
+            lease_id=str(data.get("id") or lease_id),
+            issued_at=_vault_time(data.get("issue_time")),
+            expires_at=_vault_time(data.get("expire_time")),
+        )
+
+    def leases(self, mount: str, role: str) -> list[LeaseInfo]:
+        """Every lease that exists under ``MOUNT/creds/ROLE/`` (needs ``list`` + ``sudo`` on
+        ``sys/leases/lookup/MOUNT/creds/*`` and ``update`` on ``sys/leases/lookup``). A lease
+        being revoked (its owner token already gone) is still listed until it is."""
+        prefix = f"{mount}/creds/{role}/"
+        try:
+            try:
+                listing = self.client.adapter.list(f"/v1/sys/leases/lookup/{prefix}")
+            except hvac.exceptions.InvalidPath:
+                listing = None  # no lease under the prefix
+            keys = ((listing or {}).get("data") or {}).get("keys") or []
+            found = [
+                self._lease_info(prefix + str(key)) for key in keys if not str(key).endswith("/")
+            ]
+        except requests.exceptions.RequestException as exc:
+            raise _unavailable(exc, "OpenBao/Vault did not list its leases") from None
+        except hvac.exceptions.VaultError as exc:
+            raise ServiceUnavailable(
+                "OpenBao/Vault refused to list the role's leases",
+                code="backend_refused",
+                internal=repr(exc)[:500],
+            ) from None
+        return [lease for lease in found if lease is not None]
 
     def health(self) -> None:
         try:
@@ -411,9 +479,13 @@ class VaultBackend:
             )
         return value
 
-    def inventory(self, cluster: str) -> Iterator[BackendObject]:
+    def inventory(self, cluster: str, *, strict: bool = False) -> Iterator[BackendObject]:
         """Every token carrying this cluster's metadata (needs ``list`` + ``sudo`` on
-        ``auth/token/accessors``); one lookup per token, so it runs at the orphan interval."""
+        ``auth/token/accessors``); one lookup per token, so it runs at the orphan interval.
+
+        A token that cannot be looked up is skipped when it is gone (expired or revoked since
+        the listing); with ``strict`` (confirming a revocation), any other lookup error raises
+        rather than let a token go unseen."""
         try:
             listing = self.client.adapter.list("/v1/auth/token/accessors")
         except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
@@ -424,8 +496,14 @@ class VaultBackend:
                 data = self.client.adapter.post(
                     "/v1/auth/token/lookup-accessor", json={"accessor": accessor}
                 )["data"]
-            except hvac.exceptions.VaultError:
+            except hvac.exceptions.InvalidRequest as exc:
+                if strict and "invalid accessor" not in str(exc).lower():
+                    raise _unavailable(exc, "OpenBao/Vault did not look a token up") from None
                 continue  # expired or revoked since the listing
+            except hvac.exceptions.VaultError as exc:
+                if strict:
+                    raise _unavailable(exc, "OpenBao/Vault did not look a token up") from None
+                continue
             except requests.exceptions.RequestException as exc:
                 raise _unavailable(exc) from None
             meta = data.get("meta") or {}
@@ -471,16 +549,25 @@ class VaultBackend:
             return False
         return False
 
-    def _revoke_by_metadata(self, credential_id: str) -> None:
-        """Revoke whatever carries this credential id (a mint whose outcome was unknown)."""
-        for obj in self.inventory(self.cluster):
+    def _revoke_by_metadata(self, credential_id: str) -> list[str]:
+        """Revoke whatever carries this credential id (a mint whose outcome was unknown);
+        returns the accessors revoked."""
+        revoked = []
+        for obj in self.inventory(self.cluster, strict=True):
             if obj.credential_id == credential_id:
                 self._revoke_accessor(obj.handle)
+                revoked.append(obj.handle)
+        return revoked
 
     def vet_policy(self, name: str) -> None:
-        """Refuse ``root`` and any policy whose text grants ``sudo`` (cached for a minute)."""
-        if name in FORBIDDEN_POLICIES:
-            raise InvalidRequest("the root policy can never be requested", code="forbidden_policy")
+        """Refuse ``root``, the forbidden policies and any policy whose text grants ``sudo``
+        (the text is cached for a minute). Names are compared as Vault normalises them."""
+        if name in self.forbidden:
+            raise InvalidRequest(
+                "this policy can never be requested (root, or forbidden by the administrator)",
+                code="forbidden_policy",
+            )
+        name = vault_policy_name(name)
         now = time.monotonic()
         cached = self._policy_cache.get(name)
         if cached is None or now - cached[0] > POLICY_CACHE_SECONDS:
@@ -534,7 +621,8 @@ class VaultBackend:
         return auth
 
     def _mint_token(self, request: MintRequest, spec: VaultTokenBackend) -> Minted:
-        policies = list(spec.policies)
+        # Sent as Vault will store them, so what was vetted is what is granted.
+        policies = list(dict.fromkeys(vault_policy_name(p) for p in spec.policies))
         for policy in policies:
             self.vet_policy(policy)
         auth = self._create_token(
@@ -550,7 +638,7 @@ class VaultBackend:
         accessor = str(auth["accessor"])
         lease = int(auth.get("lease_duration") or 0)
         granted = list(auth.get("token_policies") or auth.get("policies") or [])
-        if lease <= 0 or lease > request.ttl or FORBIDDEN_POLICIES.intersection(granted):
+        if lease <= 0 or lease > request.ttl or self.forbidden.first_in(granted) is not None:
             # Vault gave more than asked (a misconfigured role): take it back, fail closed.
             with contextlib.suppress(Exception):
                 self._revoke_accessor(accessor)

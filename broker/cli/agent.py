@@ -484,6 +484,16 @@ def exec_(
     wait: Wait = None,
     task_id: TaskOpt = None,
     quiet: Quiet = False,
+    redact: Annotated[
+        bool | None,
+        typer.Option(
+            "--redact/--no-redact",
+            help="Replace the credential's values (and their base64/URL encodings) in CMD's "
+            "output. Default: when the output is not a terminal (an agent reading it). Against "
+            "accidents only: CMD can read and transform its own environment.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a command with a scope's credential in its environment; revoke it when the command ends.
 
@@ -492,6 +502,7 @@ def exec_(
     Only CMD sees the credential (as VAULT_TOKEN, AWS_*, PG* ... variables). Its exit status
     becomes broker's; the task is completed afterwards, also on Ctrl-C or SIGTERM (relayed to
     CMD first), and the run is recorded on the broker as a span with the command and its status.
+    When CMD's output is not a terminal, the credential's values in it are redacted.
     """
     argv = list(args or [])
     if task_id:
@@ -523,7 +534,7 @@ def exec_(
         try:
             with holder as grant:
                 progress.close()
-                ran = status = _run_with(client, grant, command, quiet=quiet)
+                ran = status = _run_with(client, grant, command, quiet=quiet, redact=redact)
         except CompletionFailed as exc:
             if ran is None:
                 raise
@@ -537,13 +548,25 @@ def exec_(
     raise typer.Exit(status)
 
 
-def _run_with(client: BrokerClient, grant: Grant, command: list[str], *, quiet: bool) -> int:
+def _run_with(
+    client: BrokerClient, grant: Grant, command: list[str], *, quiet: bool, redact: bool | None
+) -> int:
     span_id = new_span_id()
     base = child_env(grant.credential, grant.task, span_id)
+    if redact is None:
+        # A terminal is a person watching; anything else (a pipe, a file) may be an agent's
+        # transcript. Redacting a terminal's output would also take the TTY from CMD.
+        redact = not (sys.stdout.isatty() and sys.stderr.isatty())
     # A credential git may present (a GitHub token): git asks this process for it through
     # `broker git-credential`; nothing is written to disk.
     with agent_for(grant.credential.secret, grant.credential.details, base) as (env, agent):
-        result = run(command, env, span_id=span_id)
+        result = run(
+            command,
+            env,
+            span_id=span_id,
+            secret_values=grant.credential.secret_values(),
+            redact_output=redact,
+        )
     uses = list(agent.uses) if agent is not None else []
     if result.exit_code == 127 and result.ended_at - result.started_at < 1 and result.stderr:
         typer.echo(f"error: {command[0]}: command {result.stderr}", err=True)

@@ -110,6 +110,7 @@ def _show(item: dict[str, Any]) -> None:
         f"approvals {item['approvals_counted']} of {item['approvals_required']}"
         f"  (request expires {_when(task['request_expires_at'])})",
     ]
+    lines.extend(_grant_lines(item.get("grant"), item.get("template_backend")))
     for a in item["approvals"]:
         mark = "" if a["counts"] else "  [no longer counts]"
         lines.append(f"  {a['decision']:7} {a['subject']}: {a['reason']}{mark}")
@@ -118,6 +119,28 @@ def _show(item: dict[str, Any]) -> None:
     if not item.get("may_decide"):
         lines.append(f"you may not decide: {item.get('why_not')}")
     typer.echo("\n".join(lines))
+
+
+def _grant_lines(grant: dict[str, Any] | None, template: dict[str, Any] | None) -> list[str]:
+    """What the credential will grant for these parameters, then the template as written."""
+    if not grant:
+        return []
+    lines = ["grants    (the template rendered for these parameters)"]
+    if grant.get("error"):
+        lines.append(f"  cannot be rendered: {grant['error']}")
+    for key, value in grant.items():
+        if key == "error" or value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            text = json.dumps(value, indent=2, sort_keys=True).splitlines()
+            lines.append(f"  {key:16} {text[0]}")
+            lines.extend(f"  {'':16} {rest}" for rest in text[1:])
+        else:
+            lines.append(f"  {key:16} {value}")
+    if template:
+        lines.append("template  (backend as written)")
+        lines.extend(f"  {row}" for row in json.dumps(template, sort_keys=True).splitlines())
+    return lines
 
 
 @approvals_app.command("list")

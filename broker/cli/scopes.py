@@ -46,18 +46,22 @@ def schema(
         output.write_text(text)
 
 
-def _collect(paths: list[Path]) -> tuple[dict[str, LoadedTemplate], list[LintProblem]]:
+def _collect(
+    paths: list[Path], forbidden_policies: list[str] | None = None
+) -> tuple[dict[str, LoadedTemplate], list[LintProblem]]:
+    from broker.domain.vault_policies import ForbiddenPolicies
     from broker.scopes.loader import LintProblem, load_folder, parse_template
 
+    forbidden = ForbiddenPolicies.of(forbidden_policies or ())
     templates: dict[str, LoadedTemplate] = {}
     problems: list[LintProblem] = []
     for path in paths:
         if path.is_dir():
-            found, errs = load_folder(path)
+            found, errs = load_folder(path, forbidden=forbidden)
             templates.update(found)
             problems.extend(errs)
         elif path.is_file():
-            loaded, errs = parse_template(path)
+            loaded, errs = parse_template(path, forbidden=forbidden)
             problems.extend(errs)
             if loaded is not None:
                 templates[loaded.template.name] = loaded
@@ -78,12 +82,20 @@ def lint(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Also list each valid template and its hash.")
     ] = False,
+    forbidden_policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--forbidden-policy",
+            help="A Vault policy no template may grant besides root (the broker's "
+            "vault.forbidden_policies); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Check templates: schema, what each backend can enforce, placeholders, maximums."""
     if output_format not in ("text", "json"):
         typer.echo("error: --format is text or json", err=True)
         raise typer.Exit(2)
-    templates, problems = _collect(paths or [Path("scopes")])
+    templates, problems = _collect(paths or [Path("scopes")], forbidden_policy)
     if output_format == "json":
         typer.echo(json.dumps([p.as_dict() for p in problems], indent=2))
     else:

@@ -4,6 +4,10 @@ Used by ``broker exec`` and the MCP server. The child gets the parent's environm
 broker's own secrets (the session token and ID token, which the child has no business holding),
 plus the credential's variables, the task and credential ids, and a W3C ``TRACEPARENT`` pointing
 at the broker's span for this run, so an instrumented program's spans join the task's trace.
+
+Output the broker reads (the MCP server's captures; ``broker exec`` when its output is not a
+terminal) is redacted as it streams, before it is cut to size (:mod:`broker.client.redact`:
+against accidents, not against a command that wants to leak its own environment).
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from broker.client.models import Credential, Task
+from broker.client.redact import StreamRedactor, redact_text, secret_forms
 
 #: Variables never passed to the child: the agent's own identity, not the task's credential.
 STRIPPED_ENV = frozenset(
@@ -28,7 +34,9 @@ STRIPPED_ENV = frozenset(
 )
 #: Signals relayed to the child while it runs.
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-REDACTED = "[redacted]"
+#: How long output is still read after the command exited (a background child it left may hold
+#: the pipe open forever).
+DRAIN_GRACE = 10.0
 #: How much of a recorded command line the broker keeps.
 MAX_ARGS = 64
 MAX_ARG_CHARS = 512
@@ -53,11 +61,9 @@ def child_env(
 
 
 def redact(text: str, secret_values: Sequence[str]) -> str:
-    """``text`` with every secret value replaced (longest first, so no fragment survives)."""
-    for value in secret_values:
-        if value:
-            text = text.replace(value, REDACTED)
-    return text
+    """``text`` with every secret value and its common encodings replaced (longest first, so
+    no fragment survives)."""
+    return redact_text(text, secret_values)
 
 
 def recorded_command(argv: Sequence[str], secret_values: Sequence[str]) -> list[str]:
@@ -81,6 +87,8 @@ class RunResult:
     stdout: str | None = field(default=None, repr=False)
     stderr: str | None = field(default=None, repr=False)
     timed_out: bool = False
+    #: Captured output was longer than ``max_output`` and was cut (after redaction).
+    truncated: bool = False
 
     @property
     def status(self) -> int:
@@ -129,6 +137,51 @@ def _forward_signals(proc: subprocess.Popen[Any]) -> Iterator[None]:
                 signal.signal(sig, previous)
 
 
+class _Drain:
+    """Reads a child's pipe to its end through a redactor, keeping the first ``limit`` bytes
+    (the rest is read and dropped, so the child never blocks on a full pipe), or copying
+    everything to ``sink``."""
+
+    def __init__(
+        self, pipe: IO[bytes], forms: Sequence[bytes], limit: int, sink: IO[bytes] | None
+    ) -> None:
+        self.pipe = pipe
+        self.redactor = StreamRedactor(forms)
+        self.limit = limit
+        self.sink = sink
+        self.kept = bytearray()
+        self.truncated = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.sink is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.sink.write(data)
+                self.sink.flush()
+            return
+        room = self.limit - len(self.kept)
+        if len(data) > room:
+            self.truncated = True
+        if room > 0:
+            self.kept += data[:room]
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := self.pipe.read1(64 * 1024):  # type: ignore[attr-defined]
+                self._emit(self.redactor.feed(chunk))
+        self._emit(self.redactor.close())
+        with contextlib.suppress(OSError):
+            self.pipe.close()
+
+    def text(self, max_chars: int) -> tuple[str, bool]:
+        self.thread.join(DRAIN_GRACE)
+        text = bytes(self.kept).decode("utf-8", errors="replace")
+        return text[:max_chars], self.truncated or len(text) > max_chars
+
+
 def run(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -138,40 +191,58 @@ def run(
     capture: bool = False,
     timeout: float | None = None,
     max_output: int = 64 * 1024,
+    secret_values: Sequence[str] = (),
+    redact_output: bool = False,
 ) -> RunResult:
     """Run ``argv`` to completion with ``env``; its exit status comes back in the result.
 
     ``capture=False`` (``broker exec``) lets the child share this process's terminal and relays
-    signals to it. ``capture=True`` (the MCP server) collects stdout and stderr (each cut to
-    ``max_output`` characters) and kills the child after ``timeout`` seconds.
+    signals to it; with ``redact_output`` its stdout and stderr pass through a redactor on their
+    way to this process's (``secret_values`` and their encodings become ``[redacted]``).
+    ``capture=True`` (the MCP server) collects stdout and stderr, redacted as they stream and
+    only then cut to ``max_output`` characters each, and kills the child after ``timeout`` s.
     """
     if not argv:
         raise ValueError("no command to run")
     started = time.time()
     timed_out = False
     out = err = None
+    piped = capture or redact_output
     try:
         proc = subprocess.Popen(  # noqa: S603  # the agent's own command, no shell
             list(argv),
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL if capture else None,
-            stdout=subprocess.PIPE if capture else None,
-            stderr=subprocess.PIPE if capture else None,
+            stdout=subprocess.PIPE if piped else None,
+            stderr=subprocess.PIPE if piped else None,
         )
     except FileNotFoundError:
         return RunResult(list(argv), 127, None, started, time.time(), span_id, "", "not found")
     except PermissionError:
         return RunResult(list(argv), 126, None, started, time.time(), span_id, "", "not executable")
+    drains: list[_Drain] = []
+    if piped:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        forms = secret_forms(secret_values)
+        # Bytes kept: enough for max_output characters of any UTF-8 text.
+        limit = 4 * max_output
+        sinks = (None, None) if capture else (sys.stdout.buffer, sys.stderr.buffer)
+        drains = [
+            _Drain(proc.stdout, forms, limit, sinks[0]),
+            _Drain(proc.stderr, forms, limit, sinks[1]),
+        ]
+    truncated = False
     if capture:
         try:
-            raw_out, raw_err = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             proc.kill()
-            raw_out, raw_err = proc.communicate()
-        out = raw_out.decode("utf-8", errors="replace")[:max_output]
-        err = raw_err.decode("utf-8", errors="replace")[:max_output]
+            proc.wait()
+        (out, cut_out), (err, cut_err) = (d.text(max_output) for d in drains)
+        truncated = cut_out or cut_err
     else:
         with _forward_signals(proc):
             while True:
@@ -180,6 +251,8 @@ def run(
                     break
                 except KeyboardInterrupt:  # pragma: no cover - only without a relayed SIGINT
                     continue
+        for drain in drains:
+            drain.thread.join(DRAIN_GRACE)
     code = proc.returncode
     return RunResult(
         argv=list(argv),
@@ -191,4 +264,5 @@ def run(
         stdout=out,
         stderr=err,
         timed_out=timed_out,
+        truncated=truncated,
     )

@@ -3,8 +3,10 @@
 The conversation never sees a secret by default. Credentials are minted into this server's
 memory and handed only to the processes that ``run`` starts (as environment variables, exactly
 like ``broker exec``); tools return ids, states, approvers and expiry times. Output of those
-processes is returned with every credential value redacted. ``--reveal-secrets`` adds a
-``reveal_credentials`` tool for agents that must hold a credential themselves.
+processes is returned with every credential value (and its base64 and URL encodings) redacted as
+it streams, before it is cut to size. That guards against accidents only: the process holds the
+credential and can print it transformed (see ``broker.client.redact``). ``--reveal-secrets``
+adds a ``reveal_credentials`` tool for agents that must hold a credential themselves.
 
 When the MCP client disconnects (stdin closes) or the server gets SIGTERM/SIGHUP, every task this
 server opened and did not complete is completed, so its credentials are revoked.
@@ -33,7 +35,7 @@ from broker.client import (
     SessionCache,
     Task,
 )
-from broker.client.process import child_env, new_span_id, recorded_command, redact, run
+from broker.client.process import child_env, new_span_id, recorded_command, run
 from broker.git_credential import agent_for
 
 log = logging.getLogger("broker.mcp")
@@ -197,6 +199,7 @@ class BrokerTools:
         span_id = new_span_id()
         base = child_env(credential, held.task, span_id)
         timeout = max(1.0, min(float(timeout_seconds), MAX_RUN_SECONDS))
+        hidden = credential.secret_values()
         # As under `broker exec`: git gets the token through `broker git-credential`.
         with agent_for(credential.secret, credential.details, base) as (env, agent):
             result = await anyio.to_thread.run_sync(
@@ -208,11 +211,12 @@ class BrokerTools:
                     capture=True,
                     timeout=timeout,
                     max_output=MAX_OUTPUT,
+                    # Redacted while streaming, before the cut to MAX_OUTPUT.
+                    secret_values=hidden,
                 )
             )
         uses = [{"source": "git_credential", **use} for use in agent.uses] if agent else []
         held.runs += 1
-        hidden = credential.secret_values()
         recorded = True
         try:
             await self.client.report_run(
@@ -237,8 +241,9 @@ class BrokerTools:
             "exit_code": result.exit_code,
             "signal": result.signal,
             "timed_out": result.timed_out,
-            "stdout": redact(result.stdout or "", hidden),
-            "stderr": redact(result.stderr or "", hidden),
+            "stdout": result.stdout or "",
+            "stderr": result.stderr or "",
+            "truncated": result.truncated,
             "recorded": recorded,
         }
 
@@ -348,7 +353,9 @@ def build_server(
         name="run",
         description=(
             "Run a command (argv list, no shell) with the task's credential in its environment "
-            "only. Returns exit code and output with credential values redacted. The first run "
+            "only. Returns exit code and output (each stream at most 32 KiB) with credential "
+            "values and their base64/URL encodings redacted, against accidents only: the "
+            "command itself can read and transform its environment. The first run "
             "mints the credential."
         ),
     )

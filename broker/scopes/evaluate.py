@@ -80,7 +80,9 @@ def evaluate(
     try:
         out.params = validate_params(template, params or {})
         out.ttl = resolve_ttl(template, ttl, ttl_cap)
-        out.rendered = render_backend(template, out.params).model_dump(mode="json")
+        out.rendered = render_backend(
+            template, out.params, forbidden=loaded.forbidden_policies
+        ).model_dump(mode="json")
     except ValidationFailed as exc:
         out.reason, out.code = exc.detail, exc.code
         return out

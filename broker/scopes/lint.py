@@ -42,9 +42,10 @@ from broker.domain.scope import (
     walk_keys,
     walk_strings,
 )
+from broker.domain.vault_policies import ROOT_ONLY, ForbiddenPolicies, vault_policy_name
 from broker.errors import ValidationFailed
 from broker.scopes.params import check_value
-from broker.scopes.render import FORBIDDEN_POLICIES, check_session_policy, compact_json
+from broker.scopes.render import check_session_policy, compact_json
 
 Loc = tuple[str | int, ...]
 Severity = Literal["error", "warning"]
@@ -93,7 +94,9 @@ def _no_placeholder(text: str | None, loc: Loc, what: str) -> list[Finding]:
     return []
 
 
-def _check_vault_token(t: ScopeTemplate, spec: VaultTokenBackend, used: set[str]) -> list[Finding]:
+def _check_vault_token(
+    t: ScopeTemplate, spec: VaultTokenBackend, used: set[str], forbidden: ForbiddenPolicies
+) -> list[Finding]:
     out: list[Finding] = []
     parameterised = False
     for i, policy in enumerate(spec.policies):
@@ -103,10 +106,18 @@ def _check_vault_token(t: ScopeTemplate, spec: VaultTokenBackend, used: set[str]
         if PLACEHOLDER.search(policy):
             parameterised = True
             continue
-        if policy in FORBIDDEN_POLICIES:
-            out.append(Finding(loc, "forbidden-policy", "the root policy can never be granted"))
+        if policy in forbidden:
+            out.append(
+                Finding(
+                    loc,
+                    "forbidden-policy",
+                    f"Vault reads {policy!r} as {vault_policy_name(policy)!r}, which is never "
+                    "granted (root, or forbidden by the administrator)",
+                )
+            )
         elif spec.maximum is not None and not any(
-            glob_covers(m, policy) for m in spec.maximum.policies
+            glob_covers(vault_policy_name(m), vault_policy_name(policy))
+            for m in spec.maximum.policies
         ):
             out.append(
                 Finding(loc, "maximum-exceeded", f"policy {policy!r} is outside backend.maximum")
@@ -415,7 +426,9 @@ def _check_github(t: ScopeTemplate, spec: GitHubAppBackend, used: set[str]) -> l
     return out
 
 
-def check_template(template: ScopeTemplate) -> list[Finding]:  # noqa: PLR0912  # one branch per documented rule
+def check_template(  # noqa: PLR0912  # one branch per documented rule
+    template: ScopeTemplate, *, forbidden: ForbiddenPolicies = ROOT_ONLY
+) -> list[Finding]:
     """Every semantic finding for one (schema-valid) template."""
     out: list[Finding] = []
     spec = template.backend
@@ -429,7 +442,7 @@ def check_template(template: ScopeTemplate) -> list[Finding]:  # noqa: PLR0912  
         )
     used: set[str] = set()
     if isinstance(spec, VaultTokenBackend):
-        out.extend(_check_vault_token(template, spec, used))
+        out.extend(_check_vault_token(template, spec, used, forbidden))
     elif isinstance(spec, VaultDatabaseBackend):
         out.extend(_check_vault_database(template, spec, used))
     elif isinstance(spec, AwsStsBackend):

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from broker.domain.audit import canonical_json
 from broker.domain.scope import ScopeTemplate
+from broker.domain.vault_policies import ROOT_ONLY, ForbiddenPolicies
 from broker.errors import NotFound
 from broker.scopes.lint import check_template
 
@@ -84,6 +85,8 @@ class LoadedTemplate:
     path: Path
     content_hash: str
     warnings: tuple[LintProblem, ...] = field(default=())
+    #: The Vault policies refused when this template was loaded, and again when it renders.
+    forbidden_policies: ForbiddenPolicies = ROOT_ONLY
 
 
 class _SafeLineLoader(yaml.SafeLoader):
@@ -138,9 +141,12 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_template(  # noqa: PLR0911  # each early return is one kind of refusal
-    path: Path, text: str | None = None
+    path: Path, text: str | None = None, *, forbidden: ForbiddenPolicies = ROOT_ONLY
 ) -> tuple[LoadedTemplate | None, list[LintProblem]]:
-    """Parse, validate and lint one file; returns the template (None on any error) and findings."""
+    """Parse, validate and lint one file; returns the template (None on any error) and findings.
+
+    ``forbidden``: the Vault policies no template may name (root and ``vault.forbidden_policies``).
+    """
     name = str(path)
     if text is None:
         try:
@@ -175,7 +181,7 @@ def parse_template(  # noqa: PLR0911  # each early return is one kind of refusal
         return None, problems
     problems = [
         LintProblem(name, _line_of(root, f.loc), _field_name(f.loc), f.message, f.severity, f.rule)
-        for f in check_template(template)
+        for f in check_template(template, forbidden=forbidden)
     ]
     expected = path.stem
     if template.name != expected:
@@ -191,7 +197,8 @@ def parse_template(  # noqa: PLR0911  # each early return is one kind of refusal
         )
     if any(p.severity == "error" for p in problems):
         return None, problems
-    return LoadedTemplate(template, path, content_hash(template), tuple(problems)), problems
+    loaded = LoadedTemplate(template, path, content_hash(template), tuple(problems), forbidden)
+    return loaded, problems
 
 
 _UNION_TAGS = {"vault_token", "vault_database", "aws_sts", "broker_jwt", "github_app"}
@@ -205,13 +212,15 @@ def template_files(folder: Path) -> list[Path]:
     )
 
 
-def load_folder(folder: Path) -> tuple[dict[str, LoadedTemplate], list[LintProblem]]:
+def load_folder(
+    folder: Path, *, forbidden: ForbiddenPolicies = ROOT_ONLY
+) -> tuple[dict[str, LoadedTemplate], list[LintProblem]]:
     templates: dict[str, LoadedTemplate] = {}
     problems: list[LintProblem] = []
     if not folder.is_dir():
         return {}, [LintProblem(str(folder), None, "(folder)", "no such folder")]
     for path in template_files(folder):
-        loaded, errs = parse_template(path)
+        loaded, errs = parse_template(path, forbidden=forbidden)
         problems.extend(errs)
         if loaded is not None:
             if loaded.template.name in templates:
@@ -235,9 +244,16 @@ class ScopeCatalog:
     because an admin who breaks a template must not leave an older grant silently in force.
     """
 
-    def __init__(self, folder: Path, *, check_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        check_interval: float = 1.0,
+        forbidden_policies: ForbiddenPolicies = ROOT_ONLY,
+    ) -> None:
         self.folder = folder
         self.check_interval = check_interval
+        self.forbidden_policies = forbidden_policies
         self._lock = threading.Lock()
         self._fingerprint: tuple[tuple[str, int, int, int], ...] | None = None
         self._checked_at = 0.0
@@ -264,7 +280,7 @@ class ScopeCatalog:
             fingerprint = self._scan()
             if fingerprint == self._fingerprint and not force:
                 return
-            templates, problems = load_folder(self.folder)
+            templates, problems = load_folder(self.folder, forbidden=self.forbidden_policies)
             if self._fingerprint is not None:
                 changed = sorted(
                     n

@@ -8,7 +8,8 @@
    by ``json.dumps``, never by concatenating JSON text);
 3. checks each substituted value against the alphabet of the place it lands in (a Vault name takes
    ``[A-Za-z0-9_.-]``; an IAM policy value takes no glob, ``$``, quote, comma, space or brace);
-4. checks the result: Vault names well-formed and never ``root``; the session policy's shape
+4. checks the result: Vault names well-formed and never ``root`` or a policy the admin forbade
+   (compared as Vault normalises names, :mod:`broker.domain.vault_policies`); the session policy's shape
    (no ``NotAction``/``NotResource``/``Principal`` in an ``Allow``) and size (2,048 characters);
    GitHub permission names and levels against GitHub's published schema, at most 500
    repositories; and every policy, role, action, resource, owner, repository and permission
@@ -40,11 +41,10 @@ from broker.domain.scope import (
     VaultTokenBackend,
     glob_covers,
 )
+from broker.domain.vault_policies import ROOT_ONLY, ForbiddenPolicies, vault_policy_name
 from broker.errors import ValidationFailed
 from broker.scopes.params import validate_params
 
-#: Policies no template may hand out, whatever its parameters.
-FORBIDDEN_POLICIES = frozenset({"root"})
 VAULT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _VAULT_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 _AWS_VALUE = re.compile(r"[A-Za-z0-9_./:=+@-]+")
@@ -200,15 +200,22 @@ def check_session_policy(  # noqa: PLR0912  # one branch per IAM rule, kept in o
 # --- per backend ------------------------------------------------------------------------------
 
 
-def _render_vault_token(spec: VaultTokenBackend, values: Mapping[str, Any]) -> VaultTokenBackend:
+def _render_vault_token(
+    spec: VaultTokenBackend, values: Mapping[str, Any], forbidden: ForbiddenPolicies
+) -> VaultTokenBackend:
     policies: list[str] = []
     for i, raw in enumerate(spec.policies):
-        name = substitute(raw, values, allowed=_vault_ok, where=f"policy {i}")
-        check_vault_name(name, "policy name")
-        if name in FORBIDDEN_POLICIES:
-            raise _refuse("the root policy can never be granted", code="forbidden_policy")
+        written = substitute(raw, values, allowed=_vault_ok, where=f"policy {i}")
+        check_vault_name(written, "policy name")
+        if written in forbidden:
+            raise _refuse(
+                "this policy can never be granted (root, or forbidden by the administrator)",
+                code="forbidden_policy",
+            )
+        # What is sent, shown and compared is the name Vault will use.
+        name = vault_policy_name(written)
         if spec.maximum is not None and not any(
-            glob_covers(m, name) for m in spec.maximum.policies
+            glob_covers(vault_policy_name(m), name) for m in spec.maximum.policies
         ):
             raise _refuse(
                 f"policy {name!r} is outside what the scope allows", code="scope_maximum_exceeded"
@@ -310,16 +317,22 @@ def _render_github(spec: GitHubAppBackend, values: Mapping[str, Any]) -> GitHubA
     )
 
 
-def render_backend(template: ScopeTemplate, params: Mapping[str, Any]) -> AnyBackend:
+def render_backend(
+    template: ScopeTemplate,
+    params: Mapping[str, Any],
+    *,
+    forbidden: ForbiddenPolicies = ROOT_ONLY,
+) -> AnyBackend:
     """The template's backend settings with ``params`` substituted, checked against its maximum.
 
     ``params`` may be raw (from a request) or already validated (a task's frozen parameters);
-    they are validated again either way. Raises ``ValidationFailed`` on any refusal.
+    they are validated again either way. ``forbidden``: the Vault policies never granted (the
+    catalog's, from ``vault.forbidden_policies``). Raises ``ValidationFailed`` on any refusal.
     """
     values = validate_params(template, params)
     spec = template.backend
     if isinstance(spec, VaultTokenBackend):
-        return _render_vault_token(spec, values)
+        return _render_vault_token(spec, values, forbidden)
     if isinstance(spec, VaultDatabaseBackend):
         return _render_vault_database(spec, values)
     if isinstance(spec, AwsStsBackend):

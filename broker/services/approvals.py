@@ -50,6 +50,7 @@ from broker.errors import (
 )
 from broker.scopes.loader import LoadedTemplate, ScopeCatalog
 from broker.services.common import Clock, record
+from broker.services.grants import TaskGrant, task_grant
 from broker.services.tasks import (
     Notifier,
     TaskService,
@@ -78,6 +79,9 @@ class ApprovalView:
     requester_name: str | None
     may_decide: bool
     why_not: str | None
+    #: What the credential will grant, rendered for the task's parameters, beside the
+    #: template version's backend settings as written (no secret).
+    grant: TaskGrant | None = None
 
     @property
     def template_changed(self) -> bool:
@@ -183,7 +187,9 @@ class ApprovalService:
 
     # --- read -----------------------------------------------------------------------------
 
-    def _view(self, conn: Tx, principal: Principal, task: Task, now: float) -> ApprovalView:
+    def _view(
+        self, conn: Tx, principal: Principal, task: Task, now: float, *, with_grant: bool = False
+    ) -> ApprovalView:
         loaded = self._template(task.scope)
         claims, name = self._requester_claims(conn, task)
         approvals = tuple(repo.approvals_for(conn, task.id))
@@ -212,7 +218,12 @@ class ApprovalService:
             )
         ):
             why_not = "you already approved this task"
-        return ApprovalView(task, loaded, approvals, counted, name, why_not is None, why_not)
+        grant = (
+            task_grant(conn, task, self.catalog, self.tasks.settings)
+            if with_grant or why_not is None
+            else None
+        )
+        return ApprovalView(task, loaded, approvals, counted, name, why_not is None, why_not, grant)
 
     def pending_for(self, session: Session, *, limit: int = 100) -> list[ApprovalView]:
         """The pending tasks the caller may decide now, oldest first (they expire first)."""
@@ -241,7 +252,7 @@ class ApprovalService:
             task = repo.get_task(conn, task_id)
             if task is None or task.approvals_required == 0:
                 raise NotFound("no such task awaiting approvers", code="unknown_task")
-            view = self._view(conn, principal, task, now)
+            view = self._view(conn, principal, task, now, with_grant=True)
             claims, _ = self._requester_claims(conn, task)
         decided = any((a.issuer, a.subject) == principal.key for a in view.approvals)
         eligible = self._eligibility(principal, task, view.template, claims)

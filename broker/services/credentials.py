@@ -206,7 +206,7 @@ class CredentialService:
         idempotency_key: str | None,
     ) -> tuple[Credential, MintRequest, Backend]:
         template = loaded.template
-        spec = render_backend(template, task.params)
+        spec = render_backend(template, task.params, forbidden=loaded.forbidden_policies)
         backend_name = BACKEND_FOR_TYPE[spec.type]
         backend = self.backends.get(backend_name)
         if backend is None:
@@ -280,6 +280,9 @@ class CredentialService:
                     idempotency_key=None,
                     next_attempt_at=now,
                     last_error=(exc.internal or exc.detail)[:500],
+                    # Whatever the backend made, it made before this: it bounds an STS
+                    # session's issue time, and a lease's creation, for the reaper.
+                    details={**cred.details, "mint_call_ended_at": now},
                 )
             else:
                 repo.update_credential(

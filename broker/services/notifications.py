@@ -14,7 +14,9 @@ Every request carries::
 Receivers check the signature with :func:`verify_signature` (or its five lines in any language)
 and refuse timestamps older than a few minutes. ``format: slack`` sends a Slack-compatible body
 (``text`` and ``blocks``); agent-supplied text is escaped so it cannot mention ``@channel`` or
-forge links. Payloads carry no secret: ids, scope, requester, purpose, parameters, state.
+forge links. Payloads carry no secret: ids, scope, requester, purpose, parameters, state, and
+``grant``: what the credential will grant, rendered for the exact parameters (policies, role,
+session policy and tags, claims, TTL), so nobody approves a placeholder.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from broker.domain.ids import new_id
 from broker.domain.records import Approval, Task
 from broker.domain.scope import ScopeTemplate
 from broker.domain.scrub import scrub_value
+from broker.domain.vault_policies import ForbiddenPolicies
 from broker.errors import ConfigurationError
 from broker.periodic import Periodic
+from broker.scopes.grant import grant_summary
 from broker.services.common import Clock
+from broker.services.grants import preview
 from broker.settings import Settings, WebhookSettings
 from broker.store import Database, Tx, repo
 
@@ -93,6 +98,7 @@ def slack_body(payload: dict[str, Any]) -> dict[str, Any]:
         f"*Purpose:* {task['purpose']}",
         f"*Parameters:* {params}",
         f"*Risk:* {task.get('risk') or 'unknown'}   *TTL:* {task['ttl']} s",
+        *([f"*Grants:* {grant_summary(task['grant'])}"] if task.get("grant") else []),
         f"*Approvals:* {task['approvals']['received']} of {task['approvals']['required']}",
     ]
     if task.get("reason"):
@@ -162,6 +168,7 @@ class WebhookNotifier:
                 "purpose": task.purpose,
                 "params": task.params,
                 "ttl": task.ttl,
+                "grant": self._grant(task, template),
                 "requester": {"issuer": task.issuer, "subject": task.subject},
                 "template_hash": task.template_hash,
                 "approvals": {
@@ -178,6 +185,13 @@ class WebhookNotifier:
         }
         scrubbed: dict[str, Any] = scrub_value(body)
         return scrubbed
+
+    def _grant(self, task: Task, template: ScopeTemplate | None) -> dict[str, Any] | None:
+        if template is None:
+            return None
+        vault = self.settings.vault
+        forbidden = ForbiddenPolicies.of(vault.forbidden_policies if vault else ())
+        return preview(template, task, self.settings, forbidden)
 
     def enqueue(
         self,

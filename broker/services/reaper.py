@@ -35,7 +35,7 @@ from broker.domain.task import CredentialState, TaskState
 from broker.errors import BrokerError
 from broker.services.common import Clock, record
 from broker.services.kill_switch import KillSwitches
-from broker.services.revocation import EXPIRY_SKEW, Revoker
+from broker.services.revocation import DATABASE_KINDS, EXPIRY_SKEW, Revoker
 from broker.services.tasks import end_task
 from broker.settings import Settings
 from broker.store import Database, repo
@@ -122,6 +122,7 @@ class Reaper:
         """For operators: passes so far, the last pass's report, credentials per state."""
         with self.db.read() as conn:
             states = repo.count_credentials_by_state(conn)
+            unconfirmed = repo.count_unconfirmed_revocations(conn)
             orphan_job = repo.reaper_job(conn, ORPHAN_JOB)
         return {
             "owner": self.owner,
@@ -130,6 +131,7 @@ class Reaper:
             "last_pass": asdict(self.last) if self.last else None,
             "credentials": states,
             "revoke_pending": states.get(CredentialState.REVOKE_PENDING.value, 0),
+            "revoke_unconfirmed": unconfirmed,
             "orphan_scan": orphan_job,
         }
 
@@ -370,6 +372,15 @@ class Reaper:
                     "next_attempt_at": None,
                     "last_error": None,
                 }
+                if rec.kind in DATABASE_KINDS:
+                    # Revoking a lease's owner token only starts the lease's revocation (Vault
+                    # finishes it in the background): the revoker confirms it is gone first.
+                    values = {
+                        "state": CredentialState.REVOKE_PENDING,
+                        "next_attempt_at": now,
+                        "last_error": "revocation_unconfirmed: the orphan lease owner was "
+                        "revoked; the lease is confirmed gone by the next attempt",
+                    }
                 if rec.handle is None and role == "credential":
                     values["handle"] = handle
                 repo.update_credential(conn, rec.id, **values)

@@ -10,6 +10,12 @@ Whatever asks, a credential is taken back the way its backend allows (``Backend.
 
 A backend that fails leaves the credential ``revoke_pending`` with a growing backoff; the reaper
 retries until it succeeds. Every attempt is audited with its outcome.
+
+"Revoked" is recorded only when nothing of the credential is known to live. A database lease
+whose id was never seen (a mint whose answer was lost, or that the broker died in) is confirmed
+gone by listing the role's live leases: one that no record accounts for, issued while the mint
+may have run, may be it, so the credential stays ``revoke_pending`` (``revocation_unconfirmed``:
+an error in the log, a failure event in the audit trail, a count in ``/readyz``) and is retried.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from broker.backends.base import Backend, CredentialExpired, RevokeRef
+from broker.backends.base import (
+    Backend,
+    CredentialExpired,
+    Leases,
+    RevocationUnconfirmed,
+    RevokeRef,
+)
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_trace_id
 from broker.domain.principal import Principal
 from broker.domain.records import Credential, Task
@@ -45,6 +57,12 @@ DONE_CREDENTIAL_STATES = (
 EXPIRY_SKEW = 60.0
 #: Retries back off exponentially (2, 4, 8, ... seconds) up to this.
 MAX_BACKOFF = 300.0
+#: The distance between the broker's clock and the backend's, when a lease's issue time is
+#: compared with the moments the broker recorded around a mint.
+CLOCK_MARGIN = 30.0
+#: Kinds of dynamic database credentials (the intent records the template's type, the
+#: issuance record the minted kind).
+DATABASE_KINDS = ("vault_database", "vault_lease")
 
 
 def backoff(attempts: int) -> float:
@@ -105,6 +123,15 @@ class Revoker:
             self._take_back(cred, reason=reason, actor=actor)
         except CredentialExpired:
             return self._expired(task, cred, reason=reason)
+        except RevocationUnconfirmed as exc:
+            error = exc
+            log.error(
+                "revocation of %s (%s) unconfirmed: something of it may still live; it stays "
+                "revoke_pending and is retried (%s)",
+                cred.id,
+                cred.kind,
+                exc.internal,
+            )
         except BrokerError as exc:
             error = exc
             log.warning("revocation of %s failed: %s", cred.id, exc.code)
@@ -125,6 +152,36 @@ class Revoker:
             self.kill_switches.deny_credential(cred, reason=reason, actor=actor)
         else:
             backend.revoke(revoke_ref(cred))
+            if cred.handle is None and cred.kind in DATABASE_KINDS:
+                self._confirm_no_lease(cred, backend)
+
+    def _confirm_no_lease(self, cred: Credential, backend: Backend) -> None:
+        """A lost database mint is gone only if no unaccounted lease of its role was issued
+        while the mint may have run (from its intent until the call ended, or until now when
+        the broker died in the middle). Vault's lease lookup names no owner, so a lease is
+        accounted for when a credential's record holds its id."""
+        mount, role = cred.details.get("mount"), cred.details.get("role")
+        if not isinstance(backend, Leases) or not mount or not role:
+            raise RevocationUnconfirmed(
+                internal=f"{cred.id}: the intent names no mount and role to look for its lease"
+            )
+        leases = backend.leases(str(mount), str(role))
+        with self.db.read() as conn:
+            known = repo.credentials_by_handles(conn, cred.backend, [x.lease_id for x in leases])
+        ended = cred.details.get("mint_call_ended_at")
+        start = cred.created_at - CLOCK_MARGIN
+        end = float(ended) + CLOCK_MARGIN if ended is not None else float("inf")
+        suspects = sorted(
+            lease.lease_id
+            for lease in leases
+            if lease.lease_id not in known
+            and (lease.issued_at is None or start <= lease.issued_at <= end)
+        )
+        if suspects:
+            raise RevocationUnconfirmed(
+                internal=f"{cred.id}: {len(suspects)} lease(s) no record accounts for, issued "
+                f"while the mint may have run: {', '.join(suspects)[:400]}"
+            )
 
     def _record(
         self,
@@ -167,7 +224,7 @@ class Revoker:
                     **handle,
                     state=CredentialState.REVOKE_PENDING,
                     revoke_attempts=attempts,
-                    last_error=(error.internal or error.detail)[:500],
+                    last_error=f"{error.code}: {error.internal or error.detail}"[:500],
                     next_attempt_at=now + backoff(attempts),
                 )
             attributes: dict[str, object] = {

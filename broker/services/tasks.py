@@ -517,7 +517,7 @@ class TaskService:
             params = validate_params(template, req.params)
             ttl = resolve_ttl(template, req.ttl, self.settings.credential_max_ttl)
             # Render now, so a request that could never be minted is refused before approval.
-            render_backend(template, params)
+            render_backend(template, params, forbidden=loaded.forbidden_policies)
         except (NotFound, ValidationFailed) as exc:
             self._audit_refusal(session, req, exc, now)
             raise

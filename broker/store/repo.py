@@ -19,6 +19,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from broker.domain.audit import AuditEvent, chain_hash, sanitize_attributes
 from broker.domain.principal import Principal
@@ -987,6 +988,32 @@ def tasks_of_ended_sessions(
     return [_task(r) for r in conn.execute(query).mappings()]
 
 
+def credentials_by_handles(
+    conn: Connection, backend: str, handles: Sequence[str]
+) -> dict[str, Credential]:
+    """Handle -> credential, for those of ``handles`` a record of ``backend`` holds."""
+    if not handles:
+        return {}
+    c = t.credentials.c
+    rows = conn.execute(
+        select(t.credentials).where(c.backend == backend, c.handle.in_(list(handles)))
+    ).mappings()
+    return {str(r["handle"]): _credential(r) for r in rows}
+
+
+def count_unconfirmed_revocations(conn: Connection) -> int:
+    """Credentials left ``revoke_pending`` because something of them may still live."""
+    c = t.credentials.c
+    return int(
+        conn.execute(
+            select(func.count()).where(
+                c.state == CredentialState.REVOKE_PENDING.value,
+                c.last_error.like("revocation_unconfirmed:%"),
+            )
+        ).scalar_one()
+    )
+
+
 def credentials_by_ids(conn: Connection, ids: Sequence[str]) -> dict[str, Credential]:
     if not ids:
         return {}
@@ -1026,18 +1053,50 @@ def kill_switches(
     conn: Connection,
     *,
     target: str | None = None,
+    value: str | None = None,
     live_at: float | None = None,
-    limit: int = 1000,
+    unexpired_at: float | None = None,
+    limit: int | None = 1000,
 ) -> list[dict[str, Any]]:
-    """Kill switch entries; with ``live_at``, only those neither lifted nor expired then."""
+    """Kill switch entries; with ``live_at``, only those neither lifted nor expired then; with
+    ``unexpired_at``, lifted ones too as long as they have not expired. ``limit=None``: all
+    (what the policy is rendered from: a cut list would drop denies)."""
     k = t.kill_switches.c
     query = select(t.kill_switches)
     if target is not None:
         query = query.where(k.target == target)
+    if value is not None:
+        query = query.where(k.value == value)
     if live_at is not None:
         query = query.where(k.lifted_at.is_(None), k.expires_at > live_at)
-    rows = conn.execute(query.order_by(k.created_at).limit(limit)).mappings()
-    return [dict(r) for r in rows]
+    if unexpired_at is not None:
+        query = query.where(k.expires_at > unexpired_at)
+    query = query.order_by(k.created_at)
+    if limit is not None:
+        query = query.limit(limit)
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def unexpired_credentials(
+    conn: Connection,
+    backend: str,
+    since: float,
+    *,
+    states: Sequence[CredentialState],
+    or_ids: Sequence[str] = (),
+) -> list[Credential]:
+    """Credentials of ``backend`` that may still be valid after ``since``, in ``states`` (or
+    among ``or_ids``, whatever their state)."""
+    c = t.credentials.c
+    wanted: ColumnElement[bool] = c.state.in_([s.value for s in states])
+    if or_ids:
+        wanted = wanted | c.id.in_(list(or_ids))
+    rows = conn.execute(
+        select(t.credentials).where(
+            c.backend == backend, c.expires_at.is_(None) | (c.expires_at > since), wanted
+        )
+    ).mappings()
+    return [_credential(r) for r in rows]
 
 
 def kill_switch_targets(conn: Connection, since: float) -> list[tuple[str, str]]:

@@ -142,6 +142,8 @@ credentials = Table(
 Index("ix_credentials_task", credentials.c.task_id)
 Index("ix_credentials_state", credentials.c.state)
 Index("ix_credentials_handle", credentials.c.handle)
+#: The credentials of a backend that may still be valid (what a kill-switch policy is rendered from).
+Index("ix_credentials_backend_expiry", credentials.c.backend, credentials.c.expires_at)
 
 audit_events = Table(
     "audit_events",
@@ -297,6 +299,10 @@ kill_switches = Table(
     #: After this, every credential the entry could concern has expired: it may be dropped.
     Column("expires_at", Float, nullable=False),
     Column("lifted_at", Float),
+    #: Per-session entries: the bounds of the session's issue time on AWS's clock (null when
+    #: unknown: the entry is then denied by SourceIdentity, never by a time segment).
+    Column("issued_from", Float),
+    Column("issued_until", Float),
 )
 Index("ix_kill_switches_target", kill_switches.c.target, kill_switches.c.expires_at)
 

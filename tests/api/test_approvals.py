@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -192,6 +193,33 @@ def test_two_distinct_approvers_are_needed(issuer: TestIssuer, make_settings: An
         with broker.db.read() as conn:
             stored = repo.get_task(conn, task["id"])
         assert stored is not None and stored.decision_hash is not None
+
+
+def test_approvers_see_the_grant_rendered_for_the_exact_parameters(
+    issuer: TestIssuer, make_settings: Any
+) -> None:
+    """``GET /v1/approvals/{task}`` carries the grant (the deploy role, its session tags with the
+    requested environment and change ticket, the TTL) beside the template's backend as written
+    (placeholders); the listing carries it too; nothing secret is in either."""
+    with running(settings_for(make_settings, issuer)) as (_, client):
+        people = cast(client, issuer)
+        task = people.agent.request("aws-deploy", DEPLOY).json()
+        detail = people.manager1.get(f"/v1/approvals/{task['id']}").json()
+        grant = detail["grant"]
+        assert grant["type"] == "aws_sts"
+        assert grant["role_arn"] == "arn:aws:iam::123456789012:role/broker-deploy"
+        assert grant["session_tags"]["environment"] == DEPLOY["environment"]
+        assert grant["session_tags"]["change"] == DEPLOY["change"]
+        assert grant["session_tags"]["broker:task"] == task["id"]
+        assert grant["ttl_seconds"] == task["ttl"]
+        assert detail["template_backend"]["tags"] == {
+            "environment": "{{params.environment}}",
+            "change": "{{params.change}}",
+        }
+        [listed] = people.manager1.get("/v1/approvals").json()
+        assert listed["grant"] == grant
+        text = json.dumps(detail)
+        assert people.agent.token not in text and people.manager1.token not in text
 
 
 def test_a_denial_ends_the_request(issuer: TestIssuer, make_settings: Any) -> None:

@@ -139,7 +139,7 @@ def test_cloudtrail_records_become_use_spans_in_the_task_trace(
         key_id = cred["env"]["AWS_ACCESS_KEY_ID"]
         details = cred["details"]
         session_name, source_identity = details["role_session_name"], details["source_identity"]
-        assert source_identity.startswith(task["id"])
+        assert source_identity.startswith(cred["credential_id"])
         records = [
             record(key_id=key_id, session=session_name, source_identity=source_identity),
             record(

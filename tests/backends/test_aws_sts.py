@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import boto3
 import botocore.exceptions
 import pytest
 from botocore.stub import ANY, Stubber
 
-from broker.backends import sts_rules
+from broker.backends import sts_deny, sts_rules
 from broker.backends.aws_sts import AwsStsBackend
 from broker.backends.base import MintOutcomeUnknown
 from broker.domain.scope import AwsStsBackend as AwsStsSpec
@@ -55,7 +56,7 @@ def test_assume_role_mints_working_credentials_that_name_task_and_principal(
     assert minted.handle == minted.secret["access_key_id"]
     assert minted.expires_at <= time.time() + 900 + 5
     details = minted.details
-    assert details["source_identity"] == f"{request.task_id}.repo-org-app"
+    assert details["source_identity"] == f"{request.credential_id}.repo-org-app"
     assert details["role_session_name"] == f"{request.credential_id}.repo-org-app"
     assert details["duration"] == 900
     assert details["session_policy_chars"] > 0
@@ -101,18 +102,34 @@ def test_a_role_that_does_not_exist_is_refused(moto_server: Moto) -> None:
 
 @pytest.mark.integration
 def test_kill_switch_policy_is_written_read_back_and_deleted(moto_server: Moto) -> None:
-    """The inline policy carries exactly the deny entries; with none left it is deleted."""
+    """The inline policy is exactly the document rendered; with nothing to deny it is deleted.
+    Its budget is IAM's 10,240 characters less the role's other inline policies (whitespace
+    excluded) and a safety margin."""
     backend = sts_backend(moto_server, kill_switch_policy="broker-kill-test")
-    written = backend.write_kill_switch(ROLE, ["tsk_a.agent"], 1_700_000_000.0)
+    state = sts_deny.RoleDenyState(
+        cluster="test",
+        ended=[sts_deny.SessionWindow("crd_a.agent")],
+        issued_before=1_700_000_000.0,
+    )
+    written = backend.write_kill_switch(ROLE, sts_deny.document(sts_deny.plan(state), "test"))
+    assert written is not None
     assert backend.read_kill_switch(ROLE) == written
-    statements = {s["Sid"]: s for s in written["Statement"]}  # type: ignore[index]
+    statements = {s["Sid"]: s for s in written["Statement"]}
     assert statements["BrokerKillTasks"]["Condition"] == {
-        "StringEquals": {"aws:SourceIdentity": ["tsk_a.agent"]}
+        "StringEquals": {"aws:SourceIdentity": ["crd_a.agent"]}
     }
     assert statements["BrokerKillIssuedBefore"]["Condition"] == {
         "DateLessThan": {"aws:TokenIssueTime": "2023-11-14T22:13:20Z"}
     }
-    assert backend.write_kill_switch(ROLE, [], None) is None
+    iam = boto3.client("iam", endpoint_url=moto_server.endpoint, region_name="us-east-1")
+    others = 0
+    for name in iam.list_role_policies(RoleName="broker-s3-read")["PolicyNames"]:
+        if name != "broker-kill-test":
+            text: Any = iam.get_role_policy(RoleName="broker-s3-read", PolicyName=name)
+            doc = text["PolicyDocument"]
+            others += sts_deny.policy_chars(unquote(doc) if isinstance(doc, str) else doc)
+    assert backend.kill_switch_budget(ROLE) == 10_240 - sts_deny.INLINE_SAFETY_MARGIN - others
+    assert backend.write_kill_switch(ROLE, None) is None
     assert backend.read_kill_switch(ROLE) is None
 
 

@@ -140,14 +140,15 @@ def test_names_are_sanitised_to_the_sts_alphabet_and_length(raw: str, expected: 
     assert r.check_name(expected, "name") == expected
 
 
-def test_session_name_and_source_identity_identify_task_credential_and_principal() -> None:
-    """Both fit STS's rules and carry the task (or credential) id and the subject."""
+def test_session_name_and_source_identity_identify_the_credential_and_principal() -> None:
+    """Both fit STS's rules and carry the credential id (one SourceIdentity per credential, so
+    one session can be denied alone) and the subject."""
     name = r.role_session_name("crd_abc", "repo:org/app")
     assert name == "crd_abc.repo-org-app"
-    identity = r.source_identity("tsk_xyz", "user@example.com")
-    assert identity == "tsk_xyz.user@example.com"
-    long = r.source_identity("tsk_" + "x" * 16, "s" * 200)
-    assert len(long) == 64 and long.startswith("tsk_" + "x" * 16 + ".")
+    identity = r.source_identity("crd_xyz", "user@example.com")
+    assert identity == "crd_xyz.user@example.com"
+    long = r.source_identity("crd_" + "x" * 16, "s" * 200)
+    assert len(long) == 64 and long.startswith("crd_" + "x" * 16 + ".")
 
 
 @pytest.mark.parametrize("bad", ["a", "x" * 65, "has space", "colon:here", ""])
@@ -207,39 +208,3 @@ def test_transitive_tag_keys_must_name_session_tags() -> None:
     assert r.transitive_tag_keys(["Team"], {"team": "x"}) == ["Team"]
     with _Refused("sts_invalid_tag"):
         r.transitive_tag_keys(["other"], {"team": "x"})
-
-
-# --- kill switches -------------------------------------------------------------------------
-
-
-def test_kill_switch_document_denies_tasks_and_older_sessions() -> None:
-    """Per task: Deny * on aws:SourceIdentity; per role: Deny * on aws:TokenIssueTime."""
-    doc = r.kill_switch_document(["tsk_b.x", "tsk_a.y", "tsk_a.y"], 0.0)
-    assert doc == {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "BrokerKillTasks",
-                "Effect": "Deny",
-                "Action": "*",
-                "Resource": "*",
-                "Condition": {"StringEquals": {"aws:SourceIdentity": ["tsk_a.y", "tsk_b.x"]}},
-            },
-            {
-                "Sid": "BrokerKillIssuedBefore",
-                "Effect": "Deny",
-                "Action": "*",
-                "Resource": "*",
-                "Condition": {"DateLessThan": {"aws:TokenIssueTime": "1970-01-01T00:00:00Z"}},
-            },
-        ],
-    }
-    assert r.kill_switch_document([], None) is None
-
-
-def test_a_full_kill_switch_policy_is_refused() -> None:
-    """Inline role policies share 10,240 characters."""
-    doc = r.kill_switch_document([f"tsk_{i:016d}.{'s' * 43}" for i in range(200)], None)
-    assert doc is not None
-    with _Refused("kill_switch_full"):
-        r.kill_switch_text(doc)

@@ -13,6 +13,7 @@ from broker.backends.base import MintOutcomeUnknown, RevokeRef
 from broker.backends.vault import VaultBackend
 from broker.devstack.processes import free_port
 from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
+from broker.domain.vault_policies import vault_policy_name
 from broker.errors import InvalidRequest, ServiceUnavailable
 from broker.settings import VaultSettings
 from tests.backends.helpers import mint_request, planned
@@ -111,6 +112,68 @@ def test_root_sudo_and_unknown_policies_are_refused_before_anything_exists(
         assert refused.value.code == code
         assert "sudo" not in refused.value.detail or code == "forbidden_policy"
     assert list(vault.inventory(cluster)) == []
+
+
+#: Spellings whose normal form the broker computes; OpenBao is the oracle.
+POLICY_SPELLINGS = [
+    "ROOT",
+    " Root ",
+    "\u00a0root\u3000",
+    "\u2028KV-Read\u2029",
+    "\u212av-write",
+    "\u0130",
+    "\u03a3\u03a3",
+    "\u1e9e",
+    "\x1croot",
+    "\u200broot",
+    "A\u0301B\t",
+]
+
+
+def test_policy_names_normalise_as_openbao_does(openbao: OpenBao) -> None:
+    """The broker's ``vault_policy_name`` gives, for each spelling, exactly the policy name the
+    real OpenBao puts on a token created with it (trimmed and lowercased the way Go does)."""
+    with openbao.client() as root:
+        for spelling in POLICY_SPELLINGS:
+            resp = root.post(
+                "/v1/auth/token/create",
+                json={"policies": [spelling], "no_default_policy": True, "ttl": "60s"},
+            )
+            assert resp.status_code == 200, resp.text
+            auth = resp.json()["auth"]
+            assert auth["policies"] == [vault_policy_name(spelling)], ascii(spelling)
+            root.post("/v1/auth/token/revoke-accessor", json={"accessor": auth["accessor"]})
+
+
+def test_forbidden_policies_are_refused_in_any_spelling_vault_accepts(
+    openbao: OpenBao, cluster: str
+) -> None:
+    """With ``forbidden_policies: [kv-write]``, the plan refuses ``KV-Write`` and ``ROOT`` (the
+    token role would have granted kv-write), vetting refuses them too, and an allowed policy in
+    capitals mints a token whose policy is the normalised name that was vetted."""
+    vault = VaultBackend(openbao.vault_settings(forbidden_policies=[" KV-Write"]), cluster=cluster)
+    for spelling in ("kv-write", "KV-Write", "ROOT", "Root"):
+        spec = VaultTokenBackend(type="vault_token", policies=["kv-read", spelling])
+        with pytest.raises(InvalidRequest) as refused:
+            vault.plan(mint_request(spec, cluster=cluster))
+        assert refused.value.code == "forbidden_policy"
+        with pytest.raises(InvalidRequest) as refused:
+            vault.vet_policy(spelling)
+        assert refused.value.code == "forbidden_policy"
+    minted = vault.mint(
+        planned(
+            vault,
+            mint_request(
+                VaultTokenBackend(type="vault_token", policies=["KV-Read"]), cluster=cluster
+            ),
+        )
+    )
+    info = lookup(openbao, minted.secret["token"])
+    assert info is not None
+    assert info["policies"] == ["default", "kv-read"]
+    assert minted.details["policies"] == ["default", "kv-read"]
+    vault.revoke(RevokeRef("c", "t", minted.kind, minted.handle))
+    assert lookup(openbao, minted.secret["token"]) is None
 
 
 def test_revocation_by_accessor_kills_the_token_and_is_idempotent(

@@ -106,6 +106,103 @@ def test_exec_runs_bao_with_the_injected_token_and_revokes_it(
         assert token not in str(event)
 
 
+def test_exec_redacts_the_credential_in_output_an_agent_reads(
+    stack: AgentStack, tmp_path: Path
+) -> None:
+    """When `broker exec`'s output is not a terminal (an agent capturing it), the token and its
+    base64 and URL encodings in the command's stdout and stderr become `[redacted]`, the rest
+    passes byte for byte; `--no-redact` passes everything (the person asked for it)."""
+    leak = tmp_path / "token"
+    printer = (
+        "import base64, os, sys, urllib.parse; t = os.environ['VAULT_TOKEN']; "
+        f"open({str(leak)!r}, 'w').write(t); "
+        "print('token', t); print('b64', base64.b64encode(t.encode()).decode()); "
+        "sys.stderr.write('url ' + urllib.parse.quote(t, safe='') + '\\n')"
+    )
+    done = broker_cli(
+        stack,
+        "exec",
+        "vault-kv-read",
+        "--purpose",
+        "redaction",
+        "-q",
+        "--",
+        sys.executable,
+        "-c",
+        printer,
+    )
+    assert done.returncode == 0, done.stderr
+    token = leak.read_text()
+    assert done.stdout == "token [redacted]\nb64 [redacted]\n"
+    assert "url [redacted]" in done.stderr
+    assert token not in done.stdout + done.stderr
+    raw = broker_cli(
+        stack,
+        "exec",
+        "vault-kv-read",
+        "--purpose",
+        "no redaction",
+        "-q",
+        "--no-redact",
+        "--",
+        sys.executable,
+        "-c",
+        printer,
+    )
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout.splitlines()[0] == f"token {leak.read_text()}"
+
+
+def test_exec_on_a_terminal_leaves_the_output_and_the_tty_alone(
+    stack: AgentStack, tmp_path: Path
+) -> None:
+    """On a terminal (a person watching) `broker exec` does not pipe the command's output: the
+    command still sees a TTY, and what it prints reaches the terminal unchanged."""
+    import pty
+
+    leak = tmp_path / "token"
+    printer = (
+        "import os, sys; t = os.environ['VAULT_TOKEN']; "
+        f"open({str(leak)!r}, 'w').write(t); "
+        "print('tty', sys.stdout.isatty(), sys.stderr.isatty(), 'token', t)"
+    )
+    env = stack.env("exec-agent")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "exec",
+            "vault-kv-read",
+            "--purpose",
+            "on a tty",
+            "-q",
+            "--",
+            sys.executable,
+            "-c",
+            printer,
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, seen
+    assert f"tty True True token {leak.read_text()}" in seen.decode()
+
+
 def test_the_exit_status_passes_through_and_failure_is_recorded(
     stack: AgentStack, tmp_path: Path
 ) -> None:

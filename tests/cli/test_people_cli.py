@@ -79,3 +79,28 @@ def test_usage_errors(issuer: TestIssuer, make_settings: Any) -> None:
         env={"BROKER_URL": "http://127.0.0.1:9", "BROKER_SESSION_TOKEN": "x"},
     )
     assert down.exit_code == 1 and "not reachable" in down.output
+
+
+def test_approvals_show_prints_the_grant_for_these_parameters(
+    issuer: TestIssuer, make_settings: Any
+) -> None:
+    """``broker approvals show`` prints what the credential will grant, rendered for the task's
+    parameters (the deploy role, the change ticket as a session tag), then the template's
+    backend as written, so the approver sees the value, not the placeholder."""
+    with running(settings_for(make_settings, issuer)) as (_, client):
+        people = cast(client, issuer)
+        task = people.agent.request(
+            "aws-deploy", {"environment": "production", "change": "CHG-9911"}
+        ).json()
+        env = {"BROKER_URL": str(client.base_url), "BROKER_SESSION_TOKEN": people.manager1.token}
+        shown = runner.invoke(app, ["approvals", "show", task["id"]], env=env)
+        assert shown.exit_code == 0, shown.output
+        out = shown.stdout
+        grants = out.index("grants    (the template rendered for these parameters)")
+        written = out.index("template  (backend as written)")
+        assert grants < written
+        rendered = out[grants:written]
+        assert "arn:aws:iam::123456789012:role/broker-deploy" in rendered
+        assert '"change": "CHG-9911"' in rendered and '"environment": "production"' in rendered
+        assert "{{params.change}}" not in rendered
+        assert "{{params.change}}" in out[written:]

@@ -156,6 +156,41 @@ def test_approver_signs_in_sees_the_agents_task_and_approves_it(
         hook.stop()
 
 
+def test_the_approver_sees_the_grant_rendered_for_the_exact_parameters(
+    tmp_path: Path, issuer_app: DevIssuer, browsing: Any
+) -> None:
+    """In Chromium: the approvals list sums up what the credential will grant; the task page
+    shows the grant rendered for the task's parameters (the JWT's audience and its claims with
+    the requested environment and ticket) beside the template's settings as written (with the
+    placeholders), side by side on a wide screen."""
+    with console_stack(tmp_path, issuer_app) as stack:
+        agent = stack.agent("agent-9", groups=["developers"], broker_roles=["agent"])
+        task = agent.request(
+            "deploy-notes",
+            {"environment": "production", "ticket": "CHG-3141"},
+            "publish the notes for 4.3",
+        )
+        b = browsing("approver")
+        sign_in_page(b, stack, sub="sam", name="Sam SRE", groups="sre", roles=("approver",))
+        page = b.page
+        summary = page.locator(f"#task-{task['id']} .grant-summary").inner_text()
+        assert "broker_jwt: audience notes-service" in summary
+
+        page.goto(f"{stack.url}/ui/tasks/{task['id']}")
+        grant = page.locator("#grant").inner_text()
+        for expected in ("notes-service", '"production"', '"CHG-3141"', task["id"], "600"):
+            assert expected in grant, f"{expected!r} not in the rendered grant"
+        assert "{{params" not in grant
+        written = page.locator("#as-written").inner_text()
+        assert "{{params.ticket}}" in written and "CHG-3141" not in written
+        left = page.locator("#grant").bounding_box()
+        right = page.locator("#as-written").bounding_box()
+        assert left is not None and right is not None
+        assert left["x"] < right["x"] and abs(left["y"] - right["y"]) < 5, "side by side"
+        b.shot("task-grant", doc=True)
+        assert not [e for e in b.console_errors if "Content Security Policy" in e]
+
+
 def test_a_requester_cannot_approve_their_own_task(
     tmp_path: Path, issuer_app: DevIssuer, browsing: Any
 ) -> None:

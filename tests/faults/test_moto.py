@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import boto3
@@ -23,6 +24,7 @@ from tests.replicas.cluster import (
     scope_folder,
     wait_until,
 )
+from tests.support.iam_policy import credential_context, denied_by
 from tests.support.issuer import TestIssuer
 from tests.support.otlp import OtlpReceiver
 from tests.support.services import start_test_moto
@@ -32,7 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 ROLE = "broker-s3-read"
 
 
-def kill_switch_document(endpoint: str) -> str:
+def kill_switch_document(endpoint: str) -> dict[str, Any] | None:
     iam = boto3.client(
         "iam",
         endpoint_url=endpoint,
@@ -43,8 +45,8 @@ def kill_switch_document(endpoint: str) -> str:
     try:
         doc = iam.get_role_policy(RoleName=ROLE, PolicyName="broker-kill-switch")["PolicyDocument"]
     except iam.exceptions.NoSuchEntityException:
-        return ""
-    return unquote(doc) if isinstance(doc, str) else json.dumps(doc)
+        return None
+    return dict(json.loads(unquote(doc)) if isinstance(doc, str) else doc)
 
 
 def test_sts_down_then_back(
@@ -53,7 +55,7 @@ def test_sts_down_then_back(
     """While AWS is unreachable, an STS mint fails with a clear 503 ``backend_unavailable`` and
     nothing issued (the approval kept), and completing a task with live STS credentials still
     ends it: its kill switch is recorded at once and written to IAM by the reaper when AWS is
-    back. Then the failed mint succeeds on retry, the held session's SourceIdentity is denied
+    back. Then the failed mint succeeds on retry, the held session is denied
     in the role's policy, every audit event was exported once and the chain verifies."""
     moto = start_test_moto(tmp_path / "moto")
     port = int(moto.endpoint.rsplit(":", 1)[1])
@@ -76,7 +78,7 @@ def test_sts_down_then_back(
         held = request_task(client, agent, "replica-sts").json()["id"]
         minted = mint(client, agent, held)
         assert minted.status_code == 201, minted.text
-        source_identity = minted.json()["details"]["source_identity"]
+        held_session = minted.json()
 
         process.stop()
         later = request_task(client, agent, "replica-sts").json()["id"]
@@ -95,8 +97,11 @@ def test_sts_down_then_back(
             def denied() -> bool:
                 with store.read() as conn:
                     (cred,) = repo.credentials_for(conn, held)
-                return cred.state.value == "revoked" and source_identity in kill_switch_document(
-                    moto.endpoint
+                context = credential_context(
+                    held_session["details"], held_session["expires_at"], config["cluster_name"]
+                )
+                return cred.state.value == "revoked" and bool(
+                    denied_by(kill_switch_document(moto.endpoint), context)
                 )
 
             wait_until(denied, timeout=60, interval=0.5, what="the kill switch written to IAM")

@@ -122,6 +122,46 @@ def test_tools_request_run_status_complete_without_a_secret_in_the_conversation(
         assert token not in json.dumps(run)
 
 
+def test_run_output_is_redacted_before_it_is_cut_and_in_its_common_encodings(
+    stack: AgentStack, tmp_path: Path
+) -> None:
+    """`run` output 32 KiB long with the token straddling the cut, then its base64 and URL
+    encodings: the conversation gets neither the token, nor a prefix of it, nor an encoding,
+    and is told the output was cut. A reversed token does pass: redaction is against accidents
+    (documented), the command holds the credential."""
+    leak = tmp_path / "token"
+    limit = 32 * 1024
+    printer = (
+        "import base64, os, sys, urllib.parse; t = os.environ['VAULT_TOKEN']; "
+        f"open({str(leak)!r}, 'w').write(t); "
+        f"sys.stderr.write(base64.b64encode(t.encode()).decode() + ' ' + "
+        "urllib.parse.quote(t, safe='') + ' ' + t[::-1]); "
+        f"sys.stdout.write('A' * ({limit} - 6) + t + 'tail')"
+    )
+
+    async def main() -> tuple[Conversation, dict[str, Any]]:
+        async with Client(server_params(stack, "mcp-redact")) as client:
+            convo = Conversation(client)
+            task = await convo.call("request", scope="vault-kv-read", purpose="redaction check")
+            ran = await convo.call(
+                "run", task_id=task["task_id"], command=[sys.executable, "-c", printer]
+            )
+            await convo.call("complete", task_id=task["task_id"])
+            return convo, ran
+
+    convo, ran = anyio.run(main)
+    token = leak.read_text()
+    assert ran["exit_code"] == 0, ran
+    assert ran["truncated"] is True
+    assert len(ran["stdout"]) == limit
+    assert ran["stdout"].endswith("[redac")  # the marker is what the cut split
+    assert ran["stderr"].count("[redacted]") == 2
+    assert token[::-1] in ran["stderr"]
+    for text in convo.transcript:
+        assert token not in text
+        assert token[:6] not in text
+
+
 def test_errors_tell_the_agent_what_to_do(stack: AgentStack) -> None:
     """A pending task names its approvers and the next call; a denied scope says why; running a
     command on a pending task is refused with the way forward."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.domain.vault_policies import ForbiddenPolicies
 from broker.scopes.loader import LintProblem, ScopeCatalog, load_folder, parse_template
 
 HEAD = """\
@@ -227,6 +228,24 @@ def test_session_policy_shape(tmp_path: Path, statement: str, words: str) -> Non
     )
     errors = [p for p in lint(tmp_path, body) if p.severity == "error"]
     assert errors and any(words in p.message for p in errors), [str(p) for p in errors]
+
+
+def test_forbidden_policies_are_found_in_any_spelling_vault_reads_alike(tmp_path: Path) -> None:
+    """``Root`` is root to Vault, and so is an admin-forbidden name in other capitals: the
+    loader refuses both (the catalog keeps such a template out), naming the normal form."""
+    root = VAULT.replace("[kv-read]", "[kv-read, Root]") + REQUESTER
+    p = only(lint(tmp_path, root))
+    assert (p.rule, p.field) == ("forbidden-policy", "backend.policies[1]")
+    assert "'root'" in p.message
+    admin = VAULT.replace("[kv-read]", "[KV-Admin]") + REQUESTER
+    assert not [p for p in lint(tmp_path, admin) if p.severity == "error"]
+    folder = tmp_path / "scopes"
+    folder.mkdir()
+    (folder / "tpl.yaml").write_text(HEAD.format(name="tpl") + admin)
+    catalog = ScopeCatalog(folder, forbidden_policies=ForbiddenPolicies.of(["kv-admin"]))
+    assert catalog.all() == []
+    [problem] = catalog.problems
+    assert problem.rule == "forbidden-policy"
 
 
 def test_root_policy_and_reserved_claims(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from broker.domain.scope import (
     VaultDatabaseBackend,
     VaultTokenBackend,
 )
+from broker.domain.vault_policies import ForbiddenPolicies
 from broker.errors import ValidationFailed
 from broker.scopes.loader import load_folder
 from broker.scopes.params import validate_params
@@ -205,6 +206,27 @@ def test_root_is_never_rendered() -> None:
     with pytest.raises(ValidationFailed) as err:
         render_backend(anything, {"p": "root"})
     assert err.value.code == "forbidden_policy"
+
+
+def test_policy_names_render_as_vault_reads_them() -> None:
+    """A parameter spelling root or an admin-forbidden policy in capitals is refused; an allowed
+    one is rendered in Vault's normal form and checked against the maximum in that form."""
+    kv = template(
+        {"type": "vault_token", "policies": ["{{params.p}}"], "maximum": {"policies": ["KV-*"]}},
+        {"p": {"pattern": "[A-Za-z-]+"}},
+    )
+    forbidden = ForbiddenPolicies.of(["kv-admin"])
+    for value in ("ROOT", "Root", "KV-ADMIN", "kv-Admin"):
+        anything = template(
+            {"type": "vault_token", "policies": ["{{params.p}}"], "maximum": {"policies": ["*"]}},
+            {"p": {"pattern": "[A-Za-z-]+"}},
+        )
+        with pytest.raises(ValidationFailed) as err:
+            render_backend(anything, {"p": value}, forbidden=forbidden)
+        assert err.value.code == "forbidden_policy"
+    spec = render_backend(kv, {"p": "KV-Read"}, forbidden=forbidden)
+    assert isinstance(spec, VaultTokenBackend)
+    assert spec.policies == ["kv-read"]
 
 
 def test_database_roles_within_the_maximum() -> None:

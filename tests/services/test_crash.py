@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from broker.devstack.processes import ManagedProcess, free_port, wait_http
+from tests.support.iam_policy import always_denied
 from tests.support.issuer import TestIssuer
 from tests.support.services import Moto, OpenBao
 
@@ -214,5 +215,140 @@ def test_sigkill_between_mint_and_record_leaves_nothing_alive(
 
     iam = boto3.client("iam", endpoint_url=moto_server.endpoint, region_name="us-east-1")
     document = iam.get_role_policy(RoleName=ROLE_NAME, PolicyName=KILL_POLICY)["PolicyDocument"]
-    denied = document["Statement"][0]["Condition"]["StringEquals"]["aws:SourceIdentity"]
-    assert sts["details"]["source_identity"] in denied
+    # Nothing bounds when the lost session was issued: it is denied whenever it was.
+    assert always_denied(document, sts["details"]["source_identity"], cluster)
+
+
+def test_a_lost_database_login_that_cannot_be_dropped_stays_revoke_pending_and_alerts(
+    tmp_path: Path,
+    openbao_db: OpenBao,
+    moto_server: Moto,
+    issuer: TestIssuer,
+    pg_url: str,
+) -> None:
+    """A real ``broker serve`` dies (SIGKILL) after OpenBao issued a database login it never
+    recorded, and the login owns a table, so OpenBao cannot drop it. Restarted, the broker's
+    reaper revokes the lease's owner token but does not record the credential revoked while
+    the lease lives: it stays ``revoke_pending`` (``revocation_unconfirmed``), is logged at
+    error level, audited as a failed revocation and counted in ``/readyz``. After an operator
+    removed the table and revoked the lease, the next pass records it revoked."""
+    from broker.store import Database, repo
+
+    cluster = "lost-db-" + secrets.token_hex(3)
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = broker_env(data_dir, port, pg_url, openbao_db, moto_server, issuer, cluster)
+    logins_before = db_logins(openbao_db)
+    url = f"http://127.0.0.1:{port}"
+    assert openbao_db.database is not None
+    table = "blocker_" + secrets.token_hex(4)
+    first = start(
+        "broker-1", {**env, "BROKER_DEV_FAULT": "pause_after_mint"}, port, tmp_path / "b1.log"
+    )
+    token = issuer.token(
+        "lost-db-agent", ttl=7200, groups=["developers"], broker_roles=["agent", "admin"]
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            resp = client.post(
+                "/oauth2/token",
+                data={"grant_type": GRANT, "subject_token_type": ID_TOKEN, "subject_token": token},
+            )
+            assert resp.status_code == 200, resp.text
+            auth = {"Authorization": f"Bearer {resp.json()['access_token']}"}
+            made = client.post(
+                "/v1/tasks",
+                headers=auth,
+                json={"scope": "postgres-readonly", "params": {}, "purpose": "a lost login"},
+            )
+            assert made.status_code == 201, made.text
+            task_id = made.json()["id"]
+
+        def mint() -> None:
+            try:
+                with httpx.Client(base_url=url, timeout=60) as c:
+                    c.post(f"/v1/tasks/{task_id}/credentials", headers=auth)
+            except httpx.HTTPError:
+                pass  # the broker dies under this request
+
+        thread = threading.Thread(target=mint)
+        thread.start()
+        faults = data_dir / "faults"
+        deadline = time.monotonic() + 60
+        while not list(faults.glob("*.paused")):
+            assert time.monotonic() < deadline, first.tail()
+            assert first.alive(), first.tail()
+            time.sleep(0.05)
+        [login] = db_logins(openbao_db) - logins_before
+        with psycopg.connect(openbao_db.database.url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.{table} (x int)")
+            conn.execute(f'ALTER TABLE public.{table} OWNER TO "{login}"')
+        first.signal(signal.SIGKILL)
+        assert first.proc is not None
+        first.proc.wait(timeout=10)
+    finally:
+        first.stop()
+    thread.join(timeout=30)
+    [credential_id] = [p.stem for p in faults.glob("*.paused")]
+    time.sleep(0.6)  # the intent is now older than the grace
+
+    log_file = tmp_path / "b2.log"
+    second = start("broker-2", env, port, log_file)
+    store = Database(pg_url, pool_size=1)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            resp = client.post(
+                "/oauth2/token",
+                data={"grant_type": GRANT, "subject_token_type": ID_TOKEN, "subject_token": token},
+            )
+            auth = {"Authorization": f"Bearer {resp.json()['access_token']}"}
+
+            def cred() -> dict[str, Any]:
+                listed = client.get(
+                    "/v1/admin/credentials", headers=auth, params={"limit": 1000}
+                ).json()
+                [found] = [c for c in listed if c["credential_id"] == credential_id]
+                return dict(found)
+
+            deadline = time.monotonic() + 60
+            while client.get("/v1/admin/reaper", headers=auth).json()["passes"] < 1:
+                assert time.monotonic() < deadline, second.tail()
+                time.sleep(0.1)
+            pending = cred()
+            assert pending["state"] == "revoke_pending", pending
+            assert pending["last_error"].startswith("revocation_unconfirmed:"), pending
+            assert login in db_logins(openbao_db)
+            ready = client.get("/readyz").json()
+            assert ready["revocations"] == {"pending": 1, "unconfirmed": 1}, ready
+            assert "ERROR" in log_file.read_text() and credential_id in log_file.read_text()
+            with store.read() as conn:
+                events = repo.audit_events(
+                    conn, credential_id=credential_id, name="broker.credential.revoke"
+                )
+            assert [e["attributes"].get("broker.revoke.error") for e in events] == [
+                "revocation_unconfirmed"
+            ]
+            assert events[0]["outcome"] == "failure"
+
+            # The operator removes what blocked the drop and revokes the lease by its id (the
+            # broker names it in last_error).
+            lease_id = pending["last_error"].rsplit(": ", 1)[1].split(",")[0].strip()
+            with psycopg.connect(openbao_db.database.url, autocommit=True) as conn:
+                conn.execute(f"DROP TABLE public.{table}")
+            with openbao_db.client() as root:
+                resp = root.put("/v1/sys/leases/revoke", json={"lease_id": lease_id})
+                assert resp.status_code == 204, resp.text
+
+            def revoked() -> bool:
+                client.post("/v1/admin/reaper/run", headers=auth)
+                return bool(cred()["state"] == "revoked")
+
+            deadline = time.monotonic() + 60
+            while not revoked():
+                assert time.monotonic() < deadline, second.tail()
+                time.sleep(0.5)
+            assert login not in db_logins(openbao_db)
+            assert client.get("/readyz").json()["revocations"] == {"pending": 0, "unconfirmed": 0}
+    finally:
+        store.dispose()
+        second.stop()

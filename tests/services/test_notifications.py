@@ -188,3 +188,25 @@ def test_slack_body_shape() -> None:
     )
     assert body["text"] == "Task t for scope s was approved"
     httpx.Request("POST", "https://x", json=body)  # serialisable
+
+
+def test_the_payload_carries_the_grant_rendered_for_the_exact_parameters(tmp_path: Path) -> None:
+    """The webhook body says what the credential will grant (the deploy role, its session tags
+    with the requested values), and the Slack body has it on a line of its own; no
+    placeholder reaches either."""
+    from dataclasses import replace
+
+    from broker.scopes.loader import load_folder
+
+    templates, _ = load_folder(Path(__file__).resolve().parents[2] / "scopes")
+    deploy = templates["aws-deploy"].template
+    task = replace(TASK, params={"environment": "production", "change": "CHG-2041"})
+    n = notifier_for(tmp_path, [])
+    payload = n.payload("task.pending", task, deploy)
+    grant = payload["task"]["grant"]
+    assert grant["role_arn"] == "arn:aws:iam::123456789012:role/broker-deploy"
+    assert grant["session_tags"]["change"] == "CHG-2041"
+    assert grant["session_tags"]["environment"] == "production"
+    assert "{{" not in json.dumps(payload)
+    text = json.dumps(slack_body(payload))
+    assert "*Grants:* aws_sts: role arn:aws:iam::123456789012:role/broker-deploy" in text

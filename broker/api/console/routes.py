@@ -51,7 +51,9 @@ from broker.errors import (
 from broker.oidc.errors import IssuerUnavailable, TokenRefused
 from broker.oidc.relying_party import RelyingParty, SignInFailed, pkce_challenge
 from broker.oidc.verifier import VerifiedToken
+from broker.scopes.grant import grant_summary
 from broker.services.approvals import APPROVER_ROLE, MAX_REASON, ApprovalView
+from broker.services.grants import task_grant
 from broker.services.sessions import VIA_CONSOLE
 from broker.store import repo
 from broker.wiring import Broker
@@ -153,6 +155,7 @@ class Console:
         self.env.filters["duration"] = views.duration
         self.env.filters["short"] = lambda h: (h or "")[:12]
         self.env.filters["canonical"] = lambda v: canonical_json(v).decode()
+        self.env.filters["grant_summary"] = grant_summary
         self.env.globals["source_labels"] = views.USE_SOURCES
         self.env.globals["kind_labels"] = views.KIND_LABELS
         self.static = {
@@ -452,6 +455,11 @@ class Console:
             version = views.version_view(conn, task, current)
             requester = repo.get_session(conn, task.session_id)
             credentials = repo.credentials_for(conn, task.id)
+            grant = (
+                approval.grant
+                if approval is not None and approval.grant is not None
+                else task_grant(conn, task, broker.catalog, broker.settings)
+            )
         timeline = None
         if trace is not None:
             rows = [e.model_dump() for e in trace.events]
@@ -462,6 +470,7 @@ class Console:
             "approval": approval,
             "decisions": broker.tasks.approvals_of(task),
             "version": version,
+            "grant": grant.grant,
             "requester_name": requester.principal.display_name if requester else None,
             "is_requester": task.requester == viewer.principal.key,
             "credentials": credentials,

@@ -38,6 +38,11 @@ class ApprovalTaskOut(BaseModel):
     template_changed: bool
     may_decide: bool
     why_not: str | None
+    #: What the credential will grant: the template rendered for the task's exact parameters
+    #: (policies, database role, AWS role with session policy and tags, JWT claims, TTL, uses).
+    grant: dict[str, Any] | None = None
+    #: The template's backend settings as written (placeholders and all), beside the grant.
+    template_backend: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, view: ApprovalView) -> ApprovalTaskOut:
@@ -56,6 +61,8 @@ class ApprovalTaskOut(BaseModel):
             template_changed=view.template_changed,
             may_decide=view.may_decide,
             why_not=view.why_not,
+            grant=view.grant.grant if view.grant else None,
+            template_backend=view.grant.template_backend if view.grant else None,
         )
 
 

@@ -18,10 +18,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(broker: BrokerDep) -> JSONResponse:
-    """The store and every configured backend answer."""
+    """The store and every configured backend answer. ``revocations`` counts credentials
+    still being revoked (``unconfirmed``: something of them may still live); they are a
+    detail for alerting, not a reason to take this replica out of service."""
     checks = broker.readiness()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks},
+        {
+            "status": "ready" if ready else "unavailable",
+            "checks": checks,
+            "revocations": broker.revocations(),
+        },
         status_code=200 if ready else 503,
     )
