@@ -24,6 +24,7 @@ from broker.services.limits import RateLimiter
 from broker.services.notifications import WebhookNotifier
 from broker.services.reaper import Reaper
 from broker.services.revocation import Revoker
+from broker.services.scope_health import ScopeHealth
 from broker.services.sessions import SessionService
 from broker.services.tasks import ExpiryLoop, TaskService
 from broker.settings import Settings
@@ -102,6 +103,8 @@ class Broker:
     reaper: Reaper | None = None
     #: RFC 7662 introspection of broker-signed tokens.
     introspector: Introspector | None = None
+    #: Scopes whose last mint found them misconfigured at their backend (``/readyz`` detail).
+    scope_health: ScopeHealth = field(default_factory=ScopeHealth)
 
     def readiness(self) -> dict[str, str]:
         """Each dependency's state: ``ok`` or a short reason (no secrets, no internals)."""
@@ -174,6 +177,7 @@ def build_broker(
     )
     uses = UseRecorder(db, clock)
     reaper = Reaper(settings, db, backends, revoker, kill_switches, clock)
+    scope_health = ScopeHealth()
     return Broker(
         settings=settings,
         db=db,
@@ -183,7 +187,14 @@ def build_broker(
         sessions=SessionService(settings, db, verifier, clock),
         tasks=tasks,
         credentials=CredentialService(
-            settings, db, catalog, backends, clock, revoker=revoker, notifier=notifier
+            settings,
+            db,
+            catalog,
+            backends,
+            clock,
+            revoker=revoker,
+            notifier=notifier,
+            scope_health=scope_health,
         ),
         revoker=revoker,
         http=http,
@@ -195,4 +206,5 @@ def build_broker(
         kill_switches=kill_switches,
         reaper=reaper,
         introspector=Introspector(settings.public_url, db, keyring, clock, uses),
+        scope_health=scope_health,
     )

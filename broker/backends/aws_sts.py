@@ -32,7 +32,7 @@ from botocore.config import Config
 from broker.backends import sts_rules
 from broker.backends.base import Minted, MintOutcomeUnknown, MintRequest, Revocation, RevokeRef
 from broker.domain.scope import AwsStsBackend as AwsStsSpec
-from broker.errors import InvalidRequest, ServiceUnavailable
+from broker.errors import InvalidRequest, ScopeMisconfigured, ServiceUnavailable
 from broker.settings import AwsSettings
 
 if TYPE_CHECKING:
@@ -202,6 +202,14 @@ class AwsStsBackend:
             response = self.sts.assume_role(**params)
         except botocore.exceptions.ClientError as exc:
             code = _error_code(exc)
+            if code in ("AccessDenied", "NoSuchEntity"):
+                # The role does not trust the broker (or the broker may not assume it): only an
+                # admin can fix that, so the agent is told the scope is misconfigured.
+                raise ScopeMisconfigured(
+                    "the scope is misconfigured at AWS",
+                    internal=f"AssumeRole of {spec.role_arn} by {self._caller_arn_or_unknown()}: "
+                    f"{code}: {exc}"[:500],
+                ) from None
             raise ServiceUnavailable(
                 "AWS STS refused to issue the credential"
                 if code in _REFUSALS
@@ -305,6 +313,10 @@ class AwsStsBackend:
         self._caller = (time.monotonic(), arn)
         return arn
 
+    def _caller_arn_or_unknown(self) -> str:
+        cached = self._caller
+        return cached[1] if cached is not None else "the broker"
+
     def _role_max(self, role_arn: str) -> int | None:
         """The role's MaxSessionDuration; refuses a role that does not exist."""
         if not self.settings.verify_roles:
@@ -317,10 +329,9 @@ class AwsStsBackend:
         except botocore.exceptions.ClientError as exc:
             code = _error_code(exc)
             if code == "NoSuchEntity":
-                raise ServiceUnavailable(
-                    "the AWS role this scope names does not exist",
-                    code="backend_refused",
-                    internal=f"role {role_arn} not found",
+                raise ScopeMisconfigured(
+                    "the scope is misconfigured at AWS",
+                    internal=f"IAM role {role_arn} does not exist",
                 ) from None
             if code in ("AccessDenied", "AccessDeniedException"):
                 # The broker may not read roles: fall back to the template's declared maximum.
@@ -331,10 +342,9 @@ class AwsStsBackend:
                 return None
             raise
         if role["Arn"] != role_arn:
-            raise ServiceUnavailable(
-                "the AWS role this scope names does not exist",
-                code="backend_refused",
-                internal=f"role {role_arn} resolved to {role['Arn']}",
+            raise ScopeMisconfigured(
+                "the scope is misconfigured at AWS",
+                internal=f"IAM role {role_arn} does not exist (its name resolves to {role['Arn']})",
             )
         max_session = int(role.get("MaxSessionDuration") or 3600)
         self._roles[role_arn] = (time.monotonic(), max_session)

@@ -42,7 +42,7 @@ from broker.backends.base import (
     RevokeRef,
 )
 from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
-from broker.errors import InvalidRequest, ServiceUnavailable
+from broker.errors import InvalidRequest, ScopeMisconfigured, ServiceUnavailable
 from broker.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,17 @@ FORBIDDEN_POLICIES = frozenset({"root"})
 #: A policy granting ``sudo`` on any path is refused (HCL and JSON both quote capabilities).
 _SUDO = re.compile(r"""["']sudo["']""", re.IGNORECASE)
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-#: How long a policy's vetting result is reused.
+#: How long a policy's vetting result is reused (only a policy that exists is remembered: an admin
+#: who creates a missing policy sees the next mint use it).
 POLICY_CACHE_SECONDS = 60.0
+#: Vault's refusals that mean the scope names something Vault does not have or does not allow.
+_MISCONFIGURED = (
+    "allowed policies",
+    "disallowed by this role",
+    "unknown role",
+    "role not found",
+    "no handler for route",
+)
 #: Metadata keys on every token the broker creates.
 META_CLUSTER = "broker_cluster"
 META_TASK = "broker_task"
@@ -83,6 +92,19 @@ def _refused(exc: Exception) -> ServiceUnavailable:
         code="backend_refused",
         internal=repr(exc)[:500],
     )
+
+
+def _misconfigured(cause: str) -> ScopeMisconfigured:
+    """The scope names something Vault lacks; ``cause`` says what, for the admin only."""
+    return ScopeMisconfigured("the scope is misconfigured at OpenBao/Vault", internal=cause[:500])
+
+
+def _misconfiguration(exc: hvac.exceptions.VaultError, what: str) -> ScopeMisconfigured | None:
+    """A refusal that proves the scope's setup is incomplete (not the request, not an outage)."""
+    text = str(exc).split(", on ")[0]
+    if isinstance(exc, hvac.exceptions.InvalidPath) or any(m in text.lower() for m in _MISCONFIGURED):
+        return _misconfigured(f"{what}: {text}")
+    return None
 
 
 def _vault_time(value: Any) -> float | None:
@@ -324,9 +346,19 @@ class VaultBackend:
             raise _connection_error(exc) from None
         except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError) as exc:
             raise _unavailable(exc) from None
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as exc:
+            raise (_misconfiguration(exc, self._what(spec)) or _refused(exc)) from None
         except hvac.exceptions.VaultError as exc:
             raise _refused(exc) from None
         raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
+
+    def _what(self, spec: VaultTokenBackend | VaultDatabaseBackend) -> str:
+        if isinstance(spec, VaultTokenBackend):
+            return (
+                f"creating a token with policies {list(spec.policies)} through token role "
+                f"{self.settings.token_role!r}"
+            )
+        return f"reading {spec.mount}/creds/{spec.role}"
 
     def revoke(self, ref: RevokeRef) -> None:
         try:
@@ -457,32 +489,32 @@ class VaultBackend:
             if obj.credential_id == credential_id:
                 self._revoke_accessor(obj.handle)
 
-    def vet_policy(self, name: str) -> None:
-        """Refuse ``root`` and any policy whose text grants ``sudo`` (cached for a minute)."""
-        if name in FORBIDDEN_POLICIES:
-            raise InvalidRequest("the root policy can never be requested", code="forbidden_policy")
+    def policy_text(self, name: str) -> str | None:
+        """The ACL policy's text, or None when Vault has no such policy (never cached)."""
         now = time.monotonic()
         cached = self._policy_cache.get(name)
-        if cached is None or now - cached[0] > POLICY_CACHE_SECONDS:
-            try:
-                body = self.client.adapter.get(f"/v1/sys/policies/acl/{quote(name, safe='')}")
-                text: str | None = str(body["data"]["policy"])
-            except hvac.exceptions.InvalidPath:
-                text = None
-            cached = (now, text)
-            self._policy_cache[name] = cached
-        text = cached[1]
+        if cached is not None and now - cached[0] <= POLICY_CACHE_SECONDS:
+            return cached[1]
+        try:
+            body = self.client.adapter.get(f"/v1/sys/policies/acl/{quote(name, safe='')}")
+        except hvac.exceptions.InvalidPath:
+            self._policy_cache.pop(name, None)
+            return None
+        text = str(body["data"]["policy"])
+        self._policy_cache[name] = (now, text)
+        return text
+
+    def vet_policy(self, name: str) -> None:
+        """Refuse ``root``, a policy Vault does not have, and any policy whose text grants
+        ``sudo`` (an existing policy's text is cached for a minute)."""
+        if name in FORBIDDEN_POLICIES:
+            raise _misconfigured(f"the scope names the root policy {name!r}")
+        text = self.policy_text(name)
         if text is None:
-            raise InvalidRequest(
-                "a policy this scope names does not exist in OpenBao/Vault",
-                code="unknown_policy",
-                internal=f"policy {name!r} not found",
-            )
+            raise _misconfigured(f"OpenBao/Vault has no policy named {name!r}")
         if _SUDO.search(text):
-            raise InvalidRequest(
-                "a policy this scope names grants sudo; the broker never hands those out",
-                code="forbidden_policy",
-                internal=f"policy {name!r} grants sudo",
+            raise _misconfigured(
+                f"OpenBao/Vault policy {name!r} grants sudo; the broker never hands those out"
             )
 
     def _create_token(

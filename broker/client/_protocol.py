@@ -166,7 +166,7 @@ def error_for(  # noqa: PLR0911  # one answer per status family reads best as a 
         state = problem.get("state")
         if code in EXPIRED_CODES or state == "expired":
             return TaskExpired(detail, next_step="request a new task", **kw)
-        if state in ("cancelled", "revoked", "completed", "denied"):
+        if state in ("cancelled", "revoked", "completed", "denied", "failed"):
             return TaskEnded(detail, next_step="request a new task", **kw)
         if code == "template_changed":
             return Conflict(detail, next_step="request the task again (the scope changed)", **kw)

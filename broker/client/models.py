@@ -10,7 +10,9 @@ from typing import Any
 from broker.client.errors import InvalidRequest
 
 #: Task states in which nothing more will happen.
-TERMINAL_STATES = frozenset({"denied", "completed", "revoked", "expired", "cancelled"})
+TERMINAL_STATES = frozenset(
+    {"denied", "completed", "revoked", "expired", "cancelled", "failed"}
+)
 
 #: Environment keys whose values are addresses or names, not secrets (kept out of redaction).
 NON_SECRET_ENV = frozenset(

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from broker.api.deps import BrokerDep, SessionDep
+from broker.api.models import CredentialStateOut
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_trace_id
 from broker.domain.records import Session
 from broker.errors import Forbidden, NotFound, ValidationFailed
@@ -185,7 +186,11 @@ def events(
 class TraceOut(BaseModel):
     task_id: str
     trace_id: str
+    #: The task's state now (``failed``: approved, but minting failed and nothing was issued).
+    state: str
     events: list[EventOut]
+    #: The task's credentials now; a ``revoke_pending`` one has not been taken back yet.
+    credentials: list[CredentialStateOut]
 
 
 @router.get("/tasks/{task_id}/trace", response_model=TraceOut)
@@ -195,6 +200,7 @@ def task_trace(task_id: str, session: AuditorDep, broker: BrokerDep) -> TraceOut
         task = repo.get_task(conn, task_id)
         if task is None:
             raise NotFound("no such task", code="unknown_task")
+        credentials = repo.credentials_for(conn, task_id)
         rows: list[dict[str, Any]] = []
         after = 0
         while True:
@@ -204,7 +210,13 @@ def task_trace(task_id: str, session: AuditorDep, broker: BrokerDep) -> TraceOut
                 break
             after = int(page[-1]["seq"])
     _audit_access(broker, session, "trace", Outcome.SUCCESS, task=task_id)
-    return TraceOut(task_id=task.id, trace_id=task.trace_id, events=[EventOut.of(r) for r in rows])
+    return TraceOut(
+        task_id=task.id,
+        trace_id=task.trace_id,
+        state=task.state.value,
+        events=[EventOut.of(r) for r in rows],
+        credentials=[CredentialStateOut.of(c) for c in credentials],
+    )
 
 
 @router.get("/verify")
