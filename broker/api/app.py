@@ -9,7 +9,16 @@ from fastapi import FastAPI
 
 import broker as broker_pkg
 from broker.api import console, problems
-from broker.api.routes import admin_lifecycle, health, oauth, scopes, sessions, tasks, tokens
+from broker.api.routes import (
+    admin_lifecycle,
+    admin_scopes,
+    health,
+    oauth,
+    scopes,
+    sessions,
+    tasks,
+    tokens,
+)
 from broker.api.routes import approvals as approvals_routes
 from broker.api.routes import audit as audit_routes
 from broker.api.routes import runs as runs_routes
@@ -45,7 +54,9 @@ def create_app(
     app.include_router(runs_routes.router)
     app.include_router(approvals_routes.router)
     app.include_router(audit_routes.router)
+    app.include_router(audit_routes.keys_router)
     app.include_router(tokens.router)
     app.include_router(admin_lifecycle.router)
+    app.include_router(admin_scopes.router)
     console.install(app)
     return app

@@ -19,6 +19,7 @@ login (re-done before the token expires; the JWT file is re-read each time). Wha
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import re
 import threading
@@ -41,8 +42,9 @@ from broker.backends.base import (
     Revocation,
     RevokeRef,
 )
-from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
+from broker.domain.scope import ScopeTemplate, VaultDatabaseBackend, VaultTokenBackend
 from broker.errors import InvalidRequest, ScopeMisconfigured, ServiceUnavailable
+from broker.scopes.prerequisites import Names, Requirement, requirements, vault_policies
 from broker.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,9 @@ def _misconfigured(cause: str) -> ScopeMisconfigured:
 def _misconfiguration(exc: hvac.exceptions.VaultError, what: str) -> ScopeMisconfigured | None:
     """A refusal that proves the scope's setup is incomplete (not the request, not an outage)."""
     text = str(exc).split(", on ")[0]
-    if isinstance(exc, hvac.exceptions.InvalidPath) or any(m in text.lower() for m in _MISCONFIGURED):
+    if isinstance(exc, hvac.exceptions.InvalidPath) or any(
+        m in text.lower() for m in _MISCONFIGURED
+    ):
         return _misconfigured(f"{what}: {text}")
     return None
 
@@ -516,6 +520,201 @@ class VaultBackend:
             raise _misconfigured(
                 f"OpenBao/Vault policy {name!r} grants sudo; the broker never hands those out"
             )
+
+    # --- prerequisites (``broker scopes check --live``) -------------------------------------
+
+    def check(self, template: ScopeTemplate) -> list[Requirement]:
+        """Each prerequisite of ``template`` at OpenBao/Vault, asked now (nothing cached)."""
+        names = Names(self.settings.token_role, self.settings.lease_token_role)
+        spec = template.backend
+        try:
+            if isinstance(spec, VaultTokenBackend):
+                return self._check_token(template, spec, names)
+            if isinstance(spec, VaultDatabaseBackend):
+                return self._check_database(template, spec, names)
+        except requests.exceptions.RequestException as exc:
+            return [
+                r.checked("unknown", f"OpenBao/Vault did not answer ({type(exc).__name__})")
+                for r in requirements(template, names)
+            ]
+        return []
+
+    def _read(self, path: str) -> tuple[str, dict[str, Any] | None]:
+        """``("ok", data)``, ``("missing", None)`` or ``("forbidden", None)`` for a GET."""
+        try:
+            body = self.client.adapter.get(path)
+        except hvac.exceptions.InvalidPath:
+            return "missing", None
+        except hvac.exceptions.Forbidden:
+            return "forbidden", None
+        return "ok", dict((body or {}).get("data") or {})
+
+    def _capability(self, path: str, wanted: str) -> bool | None:
+        """Whether the broker's own token has ``wanted`` on ``path`` (None: cannot tell)."""
+        try:
+            body = self.client.adapter.post("/v1/sys/capabilities-self", json={"paths": [path]})
+        except hvac.exceptions.VaultError:
+            return None
+        caps = (body or {}).get("capabilities") or (body or {}).get(path) or []
+        return wanted in caps or "root" in caps
+
+    def _check_token(
+        self, template: ScopeTemplate, spec: VaultTokenBackend, names: Names
+    ) -> list[Requirement]:
+        listed = {r.key: r for r in requirements(template, names)}
+        out: list[Requirement] = []
+        role = self.settings.token_role
+        role_state, role_data = (
+            self._read(f"/v1/auth/token/roles/{quote(role, safe='')}") if role else ("none", None)
+        )
+        known, open_ended = vault_policies(template, spec)
+        for policy in known:
+            exists = listed[("policy", policy)]
+            state, data = self._read(f"/v1/sys/policies/acl/{quote(policy, safe='')}")
+            if state == "missing":
+                out.append(exists.checked("missing", f"OpenBao/Vault has no policy {policy!r}"))
+            elif state == "forbidden":
+                out.append(
+                    exists.checked(
+                        "unknown",
+                        "the broker's token may not read sys/policies/acl/* (it needs read "
+                        "there to refuse policies granting sudo)",
+                    )
+                )
+            elif _SUDO.search(str((data or {}).get("policy") or "")):
+                out.append(
+                    exists.checked(
+                        "missing",
+                        f"the policy {policy!r} grants sudo; the broker never hands it out",
+                        fix=f"remove sudo from the policy {policy!r} (bao policy write {policy} ...)",
+                    )
+                )
+            else:
+                out.append(exists.checked("ok", "exists"))
+            allows = listed[("role_allows", policy)]
+            out.append(self._role_allows(allows, role, role_state, role_data, policy))
+        out.extend(
+            listed[("open_policy", policy)].checked(
+                "unknown", "a free parameter names the policy: each value is checked at mint time"
+            )
+            for policy in open_ended
+        )
+        if role:
+            may = self._capability(f"auth/token/create/{role}", "update")
+            out.append(
+                Requirement(
+                    template.name,
+                    f"the broker's token may create tokens through the role {role!r}",
+                    f'add path "auth/token/create/{role}" {{ capabilities = ["update"] }} to the '
+                    "broker's policy",
+                    status="ok" if may else ("missing" if may is False else "unknown"),
+                    found=None
+                    if may
+                    else "sys/capabilities-self said no"
+                    if may is False
+                    else None,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _role_allows(  # noqa: PLR0911  # one answer per way a role can stand
+        requirement: Requirement,
+        role: str | None,
+        state: str,
+        data: dict[str, Any] | None,
+        policy: str,
+    ) -> Requirement:
+        if role is None:
+            return requirement.checked(
+                "unknown",
+                "no token role is configured (vault.token_role): OpenBao then lets the broker "
+                "grant only the policies its own token holds",
+                fix="create a token role with allowed_policies and set BROKER_VAULT__TOKEN_ROLE",
+            )
+        if state == "missing":
+            return requirement.checked(
+                "missing",
+                f"there is no token role {role!r}",
+                fix=f"bao write auth/token/roles/{role} allowed_policies={policy} orphan=true "
+                "renewable=false token_type=service",
+            )
+        if state == "forbidden" or data is None:
+            return requirement.checked(
+                "unknown",
+                f"the broker's token may not read auth/token/roles/{role} (grant it read there "
+                "so `broker scopes check --live` can tell)",
+            )
+        allowed = list(data.get("allowed_policies") or [])
+        allowed_glob = list(data.get("allowed_policies_glob") or [])
+        disallowed = list(data.get("disallowed_policies") or [])
+        disallowed_glob = list(data.get("disallowed_policies_glob") or [])
+        if policy in disallowed or any(fnmatch.fnmatchcase(policy, g) for g in disallowed_glob):
+            return requirement.checked(
+                "missing",
+                f"the role disallows it (disallowed_policies {', '.join(disallowed) or '-'}; "
+                f"globs {', '.join(disallowed_glob) or '-'})",
+                fix=f"remove {policy!r} from the role's disallowed policies, or name another policy",
+            )
+        if not allowed and not allowed_glob:
+            return requirement.checked(
+                "unknown",
+                "the role has no allowed_policies: OpenBao then allows only the policies the "
+                "broker's own token holds",
+                fix=f"bao write auth/token/roles/{role} allowed_policies={policy}",
+            )
+        if policy in allowed or any(fnmatch.fnmatchcase(policy, g) for g in allowed_glob):
+            return requirement.checked("ok", "allowed")
+        return requirement.checked(
+            "missing",
+            f"the role allows only {', '.join(allowed) or '-'}"
+            + (f" (globs {', '.join(allowed_glob)})" if allowed_glob else ""),
+            fix=f"bao write auth/token/roles/{role} allowed_policies={','.join([*allowed, policy])}",
+        )
+
+    def _check_database(
+        self, template: ScopeTemplate, spec: VaultDatabaseBackend, names: Names
+    ) -> list[Requirement]:
+        out: list[Requirement] = []
+        for requirement in requirements(template, names):
+            if requirement.key[:1] == ("database_role",):
+                role = requirement.key[1]
+                state, data = self._read(
+                    f"/v1/{quote(spec.mount, safe='')}/roles/{quote(role, safe='')}"
+                )
+                if state == "ok":
+                    found = f"exists (connection {(data or {}).get('db_name')})"
+                    out.append(requirement.checked("ok", found))
+                elif state == "missing":
+                    out.append(
+                        requirement.checked(
+                            "missing", f"no role {role!r} under the mount {spec.mount!r}"
+                        )
+                    )
+                else:
+                    out.append(
+                        requirement.checked(
+                            "unknown",
+                            f"the broker's token may not read {spec.mount}/roles/* (grant it read)",
+                        )
+                    )
+            elif names.lease_token_role:
+                out.append(
+                    requirement.checked(
+                        "unknown",
+                        "the lease owner's policy is checked at mint time (it belongs to the "
+                        f"lease token role {names.lease_token_role!r})",
+                    )
+                )
+            else:
+                may = self._capability(f"{spec.mount}/creds/{spec.role}", "read")
+                out.append(
+                    requirement.checked(
+                        "ok" if may else ("missing" if may is False else "unknown"),
+                        None if may else "sys/capabilities-self said no",
+                    )
+                )
+        return out
 
     def _create_token(
         self,

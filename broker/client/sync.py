@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from broker.client import _protocol as proto
-from broker.client.config import ClientConfig, SessionCache, cache_key
+from broker.client.config import ClientConfig, SessionCache, session_cache_key
 from broker.client.errors import (
     ApprovalPending,
     AuthenticationError,
@@ -125,7 +125,7 @@ class BrokerClient:
         self._session = session
         key = self._cache_key(id_token)
         if self._cache is not None and key is not None:
-            self._cache.save(key, session)
+            self._cache.save(key, session, unverified_identity(id_token))
         return session
 
     def _id_token(self) -> str:
@@ -140,15 +140,18 @@ class BrokerClient:
         return self._pending_token
 
     def _cache_key(self, id_token: str | None = None) -> str | None:
+        """Where this client's session lives in the cache; fetches an ID token only for sources
+        whose sessions are named by the token's identity (a variable or a file: cheap)."""
         if self._cache is None:
             return None
-        if id_token is None:
-            try:
-                id_token = self._id_token()
-            except IdTokenUnavailable:
-                return None
-        identity = unverified_identity(id_token)
-        return cache_key(self.config.broker_url, identity) if identity else None
+        try:
+            source = self.id_token_source()
+            key = session_cache_key(self.config.broker_url, source, id_token)
+            if key is None and id_token is None:
+                key = session_cache_key(self.config.broker_url, source, self._id_token())
+        except IdTokenUnavailable:
+            return None
+        return key
 
     def _held_session(self) -> Session | None:
         now = time.time()
@@ -251,6 +254,25 @@ class BrokerClient:
         if not resp.is_success:
             raise proto.error_for(resp, audience=self.config.audience)
         return resp
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+    ) -> Any:
+        """Any authenticated call on this client's session (the approver, auditor and admin
+        commands use it): the decoded JSON answer. A refusal raises the typed error carrying the
+        broker's problem detail and ``code``; reads are retried like every safe request."""
+        extra: dict[str, Any] = {}
+        if params:
+            extra["params"] = {k: v for k, v in params.items() if v is not None}
+        if body is not None:
+            extra["json"] = body
+        resp = self._call(method, path, idempotent=method in ("GET", "HEAD"), **extra)
+        return resp.json() if resp.content else None
 
     # --- tasks --------------------------------------------------------------------------------
 

@@ -146,9 +146,9 @@ class CredentialService:
             self._record_failure(task, cred, exc, outcome_unknown=True)
             raise
         except ScopeMisconfigured as exc:
-            error = self._misconfigured(task, exc, loaded)
-            self._record_failure(task, cred, error, outcome_unknown=False)
-            raise error from None
+            misconfigured = self._misconfigured(task, exc, loaded)
+            self._record_failure(task, cred, misconfigured, outcome_unknown=False)
+            raise misconfigured from None
         except BrokerError as exc:
             self._record_failure(task, cred, exc, outcome_unknown=False)
             raise

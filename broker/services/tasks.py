@@ -717,9 +717,7 @@ class TaskService:
                 if not repo.update_task(
                     conn, task.id, expect=task.state, state=target, updated_at=now, ends_at=now
                 ):
-                    raise Conflict(
-                        "the task changed meanwhile; read it again", code="task_changed"
-                    )
+                    raise Conflict("the task changed meanwhile; read it again", code="task_changed")
                 task = replace(task, state=target, updated_at=now, ends_at=now)
                 record(
                     conn,

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from broker.api.deps import BrokerDep, SessionDep
@@ -22,6 +23,9 @@ from broker.store import repo
 from broker.wiring import Broker
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
+#: Public: the keys anyone needs to verify an export offline (``broker audit verify --keys-url``).
+keys_router = APIRouter(tags=["audit"])
+KEYS_PATH = "/.well-known/audit-keys.json"
 
 MAX_PAGE = 1000
 
@@ -247,3 +251,16 @@ def status(session: AuditorDep, broker: BrokerDep) -> dict[str, Any]:
         "uses": broker.uses.counters.as_dict(),
         **runtime,
     }
+
+
+@keys_router.get(KEYS_PATH)
+def audit_keys(broker: BrokerDep) -> JSONResponse:
+    """Every public key the broker ever signed audit checkpoints with (a JWK Set). Public keys
+    only: an auditor fetches them once and verifies exports offline against them."""
+    from broker.audit.checkpoints import StoreKeys
+
+    return JSONResponse(
+        StoreKeys(broker.db).jwks(),
+        media_type="application/jwk-set+json",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
