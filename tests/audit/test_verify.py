@@ -243,7 +243,10 @@ def test_the_cli_verifies_and_says_where(
     out = tmp_path / "export.jsonl"
     result = runner.invoke(app, ["audit", "export", "--out", str(out)], env=cli_env)
     assert result.exit_code == 0, result.output
-    assert len(out.read_text().splitlines()) == 7
+    lines = out.read_text().splitlines()
+    assert len(lines) == 9  # a header, the 7 events and a trailer
+    assert json.loads(lines[0])["broker_audit_export"] == 1
+    assert json.loads(lines[-1])["events"] == 7
     pub = tmp_path / "keys.json"
     pub.write_text(runner.invoke(app, ["audit", "public-keys"], env=cli_env).output)
     assert json.loads(pub.read_text())["keys"], "the key ring published its key"

@@ -98,6 +98,7 @@ def test_one_adhoc_evaluation() -> None:
             "bucket=example-data-logs",
             "--param",
             "prefix=a/b",
+            "--json",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -121,6 +122,7 @@ def test_one_adhoc_evaluation() -> None:
             'groups:=["developers"]',
             "--approver",
             "sub=d",
+            "--json",
         ],
     )
     assert json.loads(typed.stdout)["approver"] == "self"
