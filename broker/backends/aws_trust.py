@@ -20,11 +20,14 @@ from broker.scopes.prerequisites import STS_ACTIONS
 
 
 def principal_arn(caller_arn: str) -> str:
-    """The principal a trust policy names for a caller: an assumed-role session is its role."""
+    """The principal a trust policy names for a caller: an assumed-role session is its role, a
+    user is its IAM user (some STS implementations, moto among them, say ``sts`` for users)."""
     if ":assumed-role/" in caller_arn:
         prefix, rest = caller_arn.split(":assumed-role/", 1)
         partition_account = prefix.replace(":sts:", ":iam:")
         return f"{partition_account}:role/{rest.split('/', 1)[0]}"
+    if ":user/" in caller_arn:
+        return caller_arn.replace(":sts:", ":iam:", 1)
     return caller_arn
 
 

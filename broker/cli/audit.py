@@ -632,10 +632,14 @@ def print_report(report: dict[str, Any]) -> None:
     export = report.get("export")
     line = f"{verdict}: {report['events']} events (seq {report['first_seq']}..{report['last_seq']})"
     if export is None:
-        typer.echo(
-            f"{line}, {report['checkpoints']} valid signed checkpoints, last at seq "
-            f"{report['last_checkpoint_seq']}; {report['unsigned_tail']} events after it"
-        )
+        if report["checkpoints"]:
+            signed = (
+                f"{report['checkpoints']} valid signed checkpoints, last at seq "
+                f"{report['last_checkpoint_seq']}; {report['unsigned_tail']} events after it"
+            )
+        else:
+            signed = "no signed checkpoint yet"
+        typer.echo(f"{line}, {signed}")
     else:
         typer.echo(f"{line} in {_export_kind(export)}")
         for detail in _export_details(report, export):
@@ -672,9 +676,11 @@ def _export_details(report: dict[str, Any], export: dict[str, Any]) -> list[str]
     if export["kind"] == "complete":
         out.append(f"links: every link checked, from the chain's start ({export['links_checked']})")
     else:
+        gaps = export["links_unchecked"]
         out.append(
             f"links: {export['links_checked']} between events adjacent in the chain checked; "
-            f"{export['links_unchecked']} gaps (events outside the filter) cannot be checked here"
+            f"{gaps} gap{'s' if gaps != 1 else ''} (events outside the filter) cannot be "
+            "checked here"
         )
     beyond = export.get("checkpoints_beyond_file") or 0
     out.append(

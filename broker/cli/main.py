@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -28,6 +28,29 @@ from broker.errors import BrokerError, ConfigurationError
 
 if TYPE_CHECKING:  # settings pull in pydantic and CEL; commands load them when they run
     from broker.settings import Settings
+
+
+def _wrap_at_spaces_only() -> None:
+    """Help text wraps at spaces only, so `--no-wait` or `credential-process` never splits across
+    two lines. Typer's wrapper is textwrap's, which breaks on hyphens by default; this turns that
+    off for the CLI's process (the one setting it has no option for)."""
+    try:
+        from typer._click import _textwrap
+    except ImportError:  # another Typer layout: its default wrapping applies
+        return
+    original = _textwrap.TextWrapper.__init__
+    if getattr(original, "broker_no_hyphen_breaks", False):
+        return
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("break_on_hyphens", False)
+        original(self, *args, **kwargs)
+
+    init.broker_no_hyphen_breaks = True  # type: ignore[attr-defined]
+    _textwrap.TextWrapper.__init__ = init  # type: ignore[method-assign]
+
+
+_wrap_at_spaces_only()
 
 app = typer.Typer(
     no_args_is_help=True,

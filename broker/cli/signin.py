@@ -146,7 +146,7 @@ def report(exc: BrokerClientError) -> NoReturn:
             typer.echo(f"  {key.replace('_', ' ')}: {value}", err=True)
     next_step = exc.problem.get("next_step") or exc.next_step
     if isinstance(exc, Forbidden) and "role" in f"{exc.code} {exc.detail}":
-        next_step = next_step or (
+        next_step = exc.problem.get("next_step") or (
             "roles come from your ID token's claims, mapped by the issuer's `claims.roles` "
             "setting (docs/authentication.md); `broker status` shows the roles you hold"
         )

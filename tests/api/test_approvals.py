@@ -132,9 +132,7 @@ def test_the_requester_never_approves_their_own_task(
         assert both.task(task["id"])["state"] == "pending"
         # A refused attempt is recorded as a refusal, never as a decision.
         assert not [e for e in events(broker, task["id"]) if e["name"] == "broker.task.approval"]
-        refused = [
-            e for e in events(broker, task["id"]) if e["name"] == "broker.approval.refused"
-        ]
+        refused = [e for e in events(broker, task["id"]) if e["name"] == "broker.approval.refused"]
         assert [
             (
                 e["outcome"],

@@ -128,20 +128,26 @@ def test_a_missing_policy_is_not_remembered_and_the_token_role_is_checked(
         vault.mint(planned(vault, mint_request(spec, cluster=cluster)))
     assert f"no policy named {name!r}" in (first.value.internal or "")
     with openbao.client() as root:
-        assert root.put(
-            f"/v1/sys/policies/acl/{name}",
-            json={"policy": 'path "secret/data/demo/*" { capabilities = ["read"] }'},
-        ).status_code == 204
+        assert (
+            root.put(
+                f"/v1/sys/policies/acl/{name}",
+                json={"policy": 'path "secret/data/demo/*" { capabilities = ["read"] }'},
+            ).status_code
+            == 204
+        )
         with pytest.raises(ScopeMisconfigured) as second:
             vault.mint(planned(vault, mint_request(spec, cluster=cluster)))
         assert "allowed policies" in (second.value.internal or "")
         assert "token role 'broker-child'" in (second.value.internal or "")
         role = root.get("/v1/auth/token/roles/broker-child").json()["data"]
         try:
-            assert root.post(
-                "/v1/auth/token/roles/broker-child",
-                json={"allowed_policies": [*role["allowed_policies"], name]},
-            ).status_code == 204
+            assert (
+                root.post(
+                    "/v1/auth/token/roles/broker-child",
+                    json={"allowed_policies": [*role["allowed_policies"], name]},
+                ).status_code
+                == 204
+            )
             minted = vault.mint(planned(vault, mint_request(spec, cluster=cluster)))
             assert name in minted.details["policies"]
             vault.revoke(RevokeRef("crd", "tsk", minted.kind, minted.handle))

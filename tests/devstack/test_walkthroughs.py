@@ -241,3 +241,32 @@ def test_the_auditor_page_follows_exports_and_verifies_offline(dev_stack: DevSta
     assert "OK: " in out and "a filtered export (task=" in out
     assert "TAMPERED" in out
     assert re.search(r"edited\s+seq \d+ \(evt_\S+\) broker\.task\.request", out)
+
+
+def test_a_template_that_fails_to_load_is_shown_in_the_dev_terminal(dev_stack: DevStack) -> None:
+    """Saving a broken template makes `broker dev` say so in its own terminal (file, line,
+    field, the did-you-mean), and fixing it makes it say the file loads again."""
+    log = dev_stack.root / "broker-dev.log"
+    path = dev_stack.root / "scopes" / "typo-scope.yaml"
+    good = (
+        (REPO / "scopes" / "vault-kv-read.yaml")
+        .read_text()
+        .replace("name: vault-kv-read", "name: typo-scope")
+    )
+    assert "policies:" in good
+    path.write_text(good.replace("policies:", "polices:", 1))
+
+    def wait_for(text: str) -> str:
+        deadline = time.monotonic() + 30
+        while True:
+            seen = log.read_text(errors="replace")
+            if text in seen:
+                return seen
+            assert time.monotonic() < deadline, f"{text!r} never appeared:\n{seen[-2000:]}"
+            time.sleep(0.1)
+
+    seen = wait_for("scopes: typo-scope.yaml was refused; the broker does not serve it:")
+    assert "unknown field 'polices'; did you mean 'policies'?" in seen
+    path.write_text(good)
+    wait_for("scopes: typo-scope.yaml loads again")
+    path.unlink()
