@@ -131,11 +131,18 @@ class BrokerClient:
     def _id_token(self) -> str:
         """The current ID token (fetched once per login; kept only until it is exchanged)."""
         if self._pending_token is None or time.monotonic() - self._pending_at > PENDING_TOKEN_AGE:
+            source = self.id_token_source()
+            if not getattr(source, "uses_http", True):
+                # A file, a variable or a command: no HTTP client needed (building one costs a
+                # TLS context, noticeable on every CLI command).
+                self._pending_token = source.fetch(self._http)
+                self._pending_at = time.monotonic()
+                return self._pending_token
             if self._token_http is None:
                 # A separate client: the broker's trace and conversation headers stay off the
                 # token endpoint (GitHub's, for example).
                 self._token_http = httpx.Client(timeout=self.config.timeout, follow_redirects=False)
-            self._pending_token = self.id_token_source().fetch(self._token_http)
+            self._pending_token = source.fetch(self._token_http)
             self._pending_at = time.monotonic()
         return self._pending_token
 

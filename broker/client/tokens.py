@@ -57,7 +57,8 @@ class IdTokenSource(Protocol):
     """Something that yields a fresh ID token on each call.
 
     A source may also have ``cache_hint() -> tuple[str, ...] | None``: what names its sessions in
-    the CLI's session cache without fetching a token (see :func:`cache_hint`).
+    the CLI's session cache without fetching a token (see :func:`cache_hint`), and
+    ``uses_http = False`` when ``fetch`` never uses the client it is given.
     """
 
     @property
@@ -91,6 +92,8 @@ class StaticIdToken:
 
     token: str = field(repr=False)
     description: str = "the BROKER_ID_TOKEN variable"
+    #: Fetching needs no HTTP client (the client passes whichever it has).
+    uses_http = False
 
     def fetch(self, http: httpx.Client) -> str:
         return _clean(self.token, self.description)
@@ -102,6 +105,7 @@ class FileIdToken:
 
     path: Path
     description: str = ""
+    uses_http = False
 
     def __post_init__(self) -> None:
         if not self.description:
@@ -142,6 +146,7 @@ class CommandIdToken:
     description: str = ""
     #: ``NAME=value`` of the run-identifying variables set when the source was found.
     context: tuple[str, ...] = ()
+    uses_http = False
 
     def cache_hint(self) -> tuple[str, ...]:
         """Running the command costs a second or more: its sessions are found by the command
