@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,22 +39,29 @@ from tests.support.services import live_broker
 RESULTS = Path(__file__).parent / "results"
 
 
-def _timed(argv: list[str], env: dict[str, str]) -> float:
+def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall time, and the CPU time (user + system) the command and its children used: the CPU
+    figure hardly moves with other processes' load, the wall figure does."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
     took = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{argv} failed: {done.stderr.decode(errors='replace')[-500:]}")
-    return took
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return took, cpu
 
 
-def _summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
+def _summary(samples: list[tuple[float, float]]) -> dict[str, float]:
+    wall = sorted(w for w, _ in samples)
+    cpu = sorted(c for _, c in samples)
     return {
-        "p50_ms": round(statistics.median(ordered) * 1000, 1),
-        "p90_ms": round(ordered[max(0, int(len(ordered) * 0.9) - 1)] * 1000, 1),
-        "min_ms": round(ordered[0] * 1000, 1),
-        "runs": len(ordered),
+        "p50_ms": round(statistics.median(wall) * 1000, 1),
+        "p90_ms": round(wall[max(0, int(len(wall) * 0.9) - 1)] * 1000, 1),
+        "min_ms": round(wall[0] * 1000, 1),
+        "cpu_p50_ms": round(statistics.median(cpu) * 1000, 1),
+        "runs": len(wall),
     }
 
 
@@ -107,7 +115,7 @@ def run(runs: int) -> dict[str, Any]:
                         f"{curl} -sf -H '{auth}' '{server.url}/v1/tasks' >/dev/null"
                     )
                     cases["curl, the same two calls (direct path)"] = (["sh", "-c", script], env)
-                samples: dict[str, list[float]] = {name: [] for name in cases}
+                samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
                 for argv, case_env in cases.values():  # warm-up: bytecode, caches
                     _timed(argv, case_env)
                 for _ in range(runs):  # interleaved, so load drift hits every case alike
@@ -131,10 +139,14 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cli.json").write_text(json.dumps(results, indent=2) + "\n")
     width = max(len(n) for n in results["cases"])
-    print(f"{'case'.ljust(width)}  {'p50 ms':>8}  {'p90 ms':>8}  {'min ms':>8}")
+    print(f"{'case'.ljust(width)}  {'p50 ms':>8}  {'p90 ms':>8}  {'min ms':>8}  {'CPU ms':>8}")
     for name, s in results["cases"].items():
-        print(f"{name.ljust(width)}  {s['p50_ms']:>8}  {s['p90_ms']:>8}  {s['min_ms']:>8}")
-    print(f"load average: {results['machine'].get('load_average')}")
+        print(
+            f"{name.ljust(width)}  {s['p50_ms']:>8}  {s['p90_ms']:>8}  {s['min_ms']:>8}  "
+            f"{s['cpu_p50_ms']:>8}"
+        )
+    print(f"load average at start: {results['machine'].get('load_average_at_start')}")
+    print(f"load average at end: {[round(x, 2) for x in os.getloadavg()]}")
 
 
 if __name__ == "__main__":

@@ -892,4 +892,4 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("complete")(complete)
     app.command("mcp")(mcp)
-    app.add_typer(tasks_app, name="tasks")
+    # `broker tasks` is built on demand (broker.cli.main.LAZY_GROUPS).

@@ -7,6 +7,7 @@ BROKER_URL, a cached session, or your ID token) and takes --json and -q.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -16,12 +17,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 import broker
 from broker.cli import agent as agent_commands
-from broker.cli import audit as audit_commands
-from broker.cli import people as people_commands
-from broker.cli import scopes as scopes_commands
 from broker.cli.output import Json, Quiet, emit_json, note
 from broker.cli.signin import dev_env_value
 from broker.errors import BrokerError, ConfigurationError
@@ -56,7 +55,36 @@ _wrap_at_spaces_only()
 # time on every command that talks to a broker. Only `httpx.main` is affected, in this process.
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
+#: Command groups built only when they are invoked (or listed by `broker --help`): Typer builds
+#: every parameter of every registered command on each run, so `broker status` would otherwise pay
+#: for the auditor's and admin's thirty commands too.
+LAZY_GROUPS: dict[str, tuple[str, str]] = {
+    "scopes": ("broker.cli.scopes", "scopes_app"),
+    "approvals": ("broker.cli.people", "approvals_app"),
+    "audit": ("broker.cli.audit", "audit_app"),
+    "tasks": ("broker.cli.agent", "tasks_app"),
+}
+
+
+class BrokerGroup(TyperGroup):
+    """The root command: the agent's everyday commands built at once, the groups on demand."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = list(super().list_commands(ctx))
+        return names + [n for n in LAZY_GROUPS if n not in names]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        found = super().get_command(ctx, cmd_name)
+        if found is not None or cmd_name not in LAZY_GROUPS:
+            return found
+        module, attribute = LAZY_GROUPS[cmd_name]
+        group = typer.main.get_command(getattr(importlib.import_module(module), attribute))
+        group.name = cmd_name
+        return group
+
+
 app = typer.Typer(
+    cls=BrokerGroup,
     no_args_is_help=True,
     add_completion=False,
     help=__doc__,
@@ -69,9 +97,6 @@ dev_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
-app.add_typer(scopes_commands.scopes_app, name="scopes")
-app.add_typer(people_commands.approvals_app, name="approvals")
-app.add_typer(audit_commands.audit_app, name="audit")
 agent_commands.register(app)  # login, request, exec, status, tasks, complete, mcp
 
 

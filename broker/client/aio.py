@@ -274,7 +274,8 @@ class AsyncBrokerClient:
         return Task.from_json(resp.json())
 
     async def tasks(self, *, states: list[str] | None = None) -> list[Task]:
-        body = (await self._call("GET", "/v1/tasks", idempotent=True)).json()
+        params = {"state": list(states)} if states else None
+        body = (await self._call("GET", "/v1/tasks", idempotent=True, params=params)).json()
         tasks = [Task.from_json(t) for t in body] if isinstance(body, list) else []
         return [t for t in tasks if not states or t.state in states]
 

@@ -320,7 +320,8 @@ class BrokerClient:
 
     def tasks(self, *, states: list[str] | None = None) -> list[Task]:
         """The caller's tasks, newest first; optionally only in ``states``."""
-        body = self._call("GET", "/v1/tasks", idempotent=True).json()
+        params = {"state": list(states)} if states else None
+        body = self._call("GET", "/v1/tasks", idempotent=True, params=params).json()
         tasks = [Task.from_json(t) for t in body] if isinstance(body, list) else []
         return [t for t in tasks if not states or t.state in states]
 

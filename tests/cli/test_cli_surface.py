@@ -25,7 +25,9 @@ def commands() -> Iterator[tuple[tuple[str, ...], Any]]:
         if hasattr(cmd, "commands"):
             if cmd.invoke_without_command and path:
                 yield path, cmd
-            for name, sub in cmd.commands.items():
+            ctx = typer.Context(cmd)
+            for name in cmd.list_commands(ctx):  # the groups built on demand included
+                sub = cmd.get_command(ctx, name)
                 if not sub.hidden:
                     yield from walk((*path, name), sub)
         else:
