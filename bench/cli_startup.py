@@ -145,8 +145,9 @@ def main() -> None:
             f"{name.ljust(width)}  {s['p50_ms']:>8}  {s['p90_ms']:>8}  {s['min_ms']:>8}  "
             f"{s['cpu_p50_ms']:>8}"
         )
-    print(f"load average at start: {results['machine'].get('load_average_at_start')}")
-    print(f"load average at end: {[round(x, 2) for x in os.getloadavg()]}")
+    print(
+        f"load average (1, 5, 15 min) when measured: {results['machine'].get('load_average_at_start')}"
+    )
 
 
 if __name__ == "__main__":

@@ -331,11 +331,6 @@ def dev_issuer(
 
 
 def main() -> None:
-    if sys.argv[1:] in (["version"], ["--version"]):
-        # The one command that needs nothing: answered before Typer resolves its options
-        # (which imports pydantic), so `broker version` starts as fast as Python does.
-        print(broker.__version__)
-        return
     try:
         app()
     except BrokerError as exc:
