@@ -701,7 +701,10 @@ class TaskService:
                 if cancel or task.state is TaskState.PENDING
                 else TaskState.COMPLETED
             )
-            credentials = repo.credentials_for(conn, task.id)
+            # Only an approved task can have failed mints without an issued credential.
+            credentials = (
+                repo.credentials_for(conn, task.id) if task.state is TaskState.APPROVED else []
+            )
             target = ending_state(task, wanted, credentials)
             if target is TaskState.FAILED:
                 task = fail_task(
