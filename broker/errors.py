@@ -15,6 +15,7 @@ that only an operator should see (a backend's message, the pattern a value faile
     ├── PreconditionFailed        412  the template changed under an approval, ...
     ├── RateLimited               429  with ``retry_after`` seconds
     ├── ConfigurationError        500  refused configuration (raised at start-up, not per request)
+    ├── ScopeMisconfigured        500  a scope's backend setup is incomplete (a missing policy, role, trust)
     └── ServiceUnavailable        503  a backend, the store or the audit log cannot be reached
         └── AuditUnavailable      503  the audit record cannot be written: fail closed
 """
@@ -107,6 +108,21 @@ class ConfigurationError(BrokerError):
     code = "configuration_error"
     status = 500
     title = "Invalid configuration"
+
+
+class ScopeMisconfigured(BrokerError):
+    """A scope names something its backend does not have or does not allow (an OpenBao policy
+    that does not exist, a token role that does not allow it, a database role or IAM role that is
+    missing or does not trust the broker).
+
+    Neither the caller's fault (no 4xx: changing the request cannot help) nor transient (no 503:
+    retrying cannot help until an admin fixes the scope). The public detail names the scope only;
+    the cause goes to ``internal`` (the log, ``/readyz`` and ``broker scopes check --live``).
+    """
+
+    code = "scope_misconfigured"
+    status = 500
+    title = "The scope is misconfigured at its backend"
 
 
 class ServiceUnavailable(BrokerError):

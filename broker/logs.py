@@ -9,6 +9,7 @@ urllib3/requests, httpx) are held at WARNING whatever the broker's level.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import traceback
@@ -85,12 +86,31 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def configure_logging(level: str = "info") -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object per record (``broker serve --json``): time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        scrub_record(record)  # the message and traceback come from the scrubbed record only
+        body = {
+            "time": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_text:
+            body["exception"] = record.exc_text
+        return json.dumps(body, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", *, json_lines: bool = False) -> None:
     """Set up the process's logging: level, format, scrubbing, quiet libraries."""
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if json_lines:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLines())
     install_log_scrubber()
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, ScrubbingFilter) for f in handler.filters):

@@ -27,6 +27,7 @@ from broker.services.limits import RateLimiter
 from broker.services.notifications import WebhookNotifier
 from broker.services.reaper import Reaper
 from broker.services.revocation import Revoker
+from broker.services.scope_health import ScopeHealth
 from broker.services.sessions import SessionService
 from broker.services.tasks import ExpiryLoop, TaskService
 from broker.settings import Settings
@@ -144,6 +145,8 @@ class Broker:
     introspector: Introspector | None = None
     #: Throttling and summarised auditing of failed authentication.
     guard: AuthGuard | None = None
+    #: Scopes whose last mint found them misconfigured at their backend (``/readyz`` detail).
+    scope_health: ScopeHealth = field(default_factory=ScopeHealth)
 
     def readiness(self) -> dict[str, str]:
         """Each dependency's state: ``ok`` or a short reason (no secrets, no internals)."""
@@ -242,6 +245,7 @@ def build_broker(
     uses = UseRecorder(db, clock)
     reaper = Reaper(settings, db, backends, revoker, kill_switches, clock)
     guard = AuthGuard(settings.auth_limits, db, clock)
+    scope_health = ScopeHealth()
     return Broker(
         settings=settings,
         db=db,
@@ -251,7 +255,14 @@ def build_broker(
         sessions=SessionService(settings, db, verifier, clock, guard),
         tasks=tasks,
         credentials=CredentialService(
-            settings, db, catalog, backends, clock, revoker=revoker, notifier=notifier
+            settings,
+            db,
+            catalog,
+            backends,
+            clock,
+            revoker=revoker,
+            notifier=notifier,
+            scope_health=scope_health,
         ),
         revoker=revoker,
         http=http,
@@ -264,4 +275,5 @@ def build_broker(
         reaper=reaper,
         introspector=Introspector(settings.public_url, db, keyring, clock, uses),
         guard=guard,
+        scope_health=scope_health,
     )

@@ -12,7 +12,16 @@ import broker as broker_pkg
 from broker.api import console, problems
 from broker.api.auth_work import AuthWork, request_address, trusted_networks
 from broker.api.request_limits import RequestLimits, Scope
-from broker.api.routes import admin_lifecycle, health, oauth, scopes, sessions, tasks, tokens
+from broker.api.routes import (
+    admin_lifecycle,
+    admin_scopes,
+    health,
+    oauth,
+    scopes,
+    sessions,
+    tasks,
+    tokens,
+)
 from broker.api.routes import approvals as approvals_routes
 from broker.api.routes import audit as audit_routes
 from broker.api.routes import runs as runs_routes
@@ -55,8 +64,10 @@ def create_app(
     app.include_router(runs_routes.router)
     app.include_router(approvals_routes.router)
     app.include_router(audit_routes.router)
+    app.include_router(audit_routes.keys_router)
     app.include_router(tokens.router)
     app.include_router(admin_lifecycle.router)
+    app.include_router(admin_scopes.router)
     console.install(app)
     app.add_middleware(RequestLimits, settings=settings.http, report=_report_oversized(app))
     return app

@@ -44,6 +44,42 @@ class ApprovalOut(BaseModel):
         )
 
 
+class CredentialStateOut(BaseModel):
+    """Where one of a task's credentials stands (identifiers and states, never a secret).
+
+    ``revoke_pending`` means the broker could not take it back yet and keeps retrying; the
+    credential may still work until then or until ``expires_at``.
+    """
+
+    id: str
+    backend: str
+    kind: str
+    state: str
+    issued_at: float | None
+    expires_at: float | None
+    revoked_at: float | None
+    revoke_attempts: int
+    next_attempt_at: float | None
+    #: Why a mint failed (``failed`` credentials): a stable code such as ``scope_misconfigured``.
+    error_code: str | None = None
+
+    @classmethod
+    def of(cls, cred: Credential) -> CredentialStateOut:
+        code = cred.details.get("error_code")
+        return cls(
+            id=cred.id,
+            backend=cred.backend,
+            kind=cred.kind,
+            state=cred.state.value,
+            issued_at=cred.issued_at,
+            expires_at=cred.expires_at,
+            revoked_at=cred.revoked_at,
+            revoke_attempts=cred.revoke_attempts,
+            next_attempt_at=cred.next_attempt_at,
+            error_code=str(code) if code else None,
+        )
+
+
 class TaskOut(BaseModel):
     id: str
     scope: str
@@ -68,9 +104,12 @@ class TaskOut(BaseModel):
     #: Decisions so far (on ``GET /v1/tasks/{id}``): who, approve or deny, when, and whether it
     #: still counts.
     approvals: list[ApprovalOut] | None = None
+    #: The task's credentials and their states (on ``GET /v1/tasks/{id}`` and when ending a
+    #: task): a ``revoke_pending`` one has not been taken back yet.
+    credentials: list[CredentialStateOut] | None = None
 
     @classmethod
-    def of(cls, task: Task) -> TaskOut:
+    def of(cls, task: Task, credentials: list[Credential] | None = None) -> TaskOut:
         return cls(
             id=task.id,
             scope=task.scope,
@@ -91,6 +130,9 @@ class TaskOut(BaseModel):
             trace_id=task.trace_id,
             conversation_id=task.conversation_id,
             approvals_required=task.approvals_required,
+            credentials=None
+            if credentials is None
+            else [CredentialStateOut.of(c) for c in credentials],
         )
 
 

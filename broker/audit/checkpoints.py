@@ -105,21 +105,31 @@ class PublicKeys:
         self.keys[kid] = public
         return kid
 
+    def add_jwk_set(self, body: Mapping[str, Any]) -> list[str]:
+        """Add every key of a JWK Set (``{"keys": [...]}``) or of a single JWK."""
+        import jwt
+
+        jwks = body.get("keys", [body])
+        added = []
+        for jwk in jwks if isinstance(jwks, list) else []:
+            try:
+                key = jwt.PyJWK(jwk).key
+            except (jwt.PyJWKError, KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"not a usable public key: {exc}") from None
+            if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+                raise ValueError("only P-256 and Ed25519 public keys are supported")
+            added.append(self.add(key))
+        return added
+
     def add_file(self, path: Path) -> list[str]:
         """Add a PEM public key, or every key of a JWK Set (``{"keys": [...]}``) or JWK file."""
         data = path.read_bytes()
         if data.lstrip().startswith(b"{"):
             body = json.loads(data)
-            jwks = body.get("keys", [body]) if isinstance(body, dict) else []
-            import jwt
-
-            added = []
-            for jwk in jwks:
-                key = jwt.PyJWK(jwk).key
-                if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
-                    raise ValueError(f"{path}: only P-256 and Ed25519 public keys are supported")
-                added.append(self.add(key))
-            return added
+            try:
+                return self.add_jwk_set(body if isinstance(body, dict) else {})
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
         key = serialization.load_pem_public_key(data)
         if not isinstance(key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
             raise ValueError(f"{path} is not a P-256 or Ed25519 public key")

@@ -1,6 +1,12 @@
 """A task's audit trace as a readable tree: who asked and why, the decision, each issuance, each
 use and the end. Pure formatting of stored (or API-fetched) event rows; used by
-``broker audit trace``."""
+``broker audit trace``, ``broker audit search`` and the console.
+
+Records that must not be misread are spelled out: a refused attempt (to approve, to mint, ...) is
+a ``REFUSED`` line with its code, never a decision; a failed mint says nothing was issued; a
+revocation that failed says the credential is still ``revoke_pending``; a task that ended without
+a credential because minting failed ends ``FAILED``.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +21,35 @@ _LABELS: dict[str, str] = {
     EventName.TASK_REQUEST: "REQUEST",
     EventName.TASK_DECISION: "DECISION",
     EventName.TASK_APPROVAL: "APPROVAL",
+    EventName.APPROVAL_REFUSED: "REFUSED",
     EventName.CREDENTIAL_ISSUE: "ISSUE",
     EventName.CREDENTIAL_USE: "USE",
     EventName.CREDENTIAL_REVOKE: "REVOKE",
     EventName.CREDENTIAL_EXPIRE: "EXPIRE",
     EventName.TASK_COMPLETE: "END",
     EventName.TASK_EXPIRE: "EXPIRE",
-    EventName.REQUEST_DENIED: "DENIED",
+    EventName.REQUEST_DENIED: "REFUSED",
 }
+
+
+def is_refusal(event: Mapping[str, Any]) -> bool:
+    """A refused attempt (to approve, mint, read, ...), as opposed to a decision or an outcome.
+
+    Also recognises refusals recorded before ``broker.approval.refused`` existed (a
+    ``broker.task.approval`` event carrying ``broker.refusal.code``).
+    """
+    name = str(event.get("name"))
+    attrs = event.get("attributes") or {}
+    return name in (EventName.APPROVAL_REFUSED, EventName.REQUEST_DENIED) or (
+        name == EventName.TASK_APPROVAL and "broker.refusal.code" in attrs
+    )
+
+
+def label(event: Mapping[str, Any]) -> str:
+    """The trace's word for an event (``REFUSED`` for every refused attempt)."""
+    if is_refusal(event):
+        return "REFUSED"
+    return _LABELS.get(str(event.get("name")), str(event.get("name")))
 
 
 def when(ts: Any) -> str:
@@ -68,6 +95,22 @@ def _decision(event: Attrs, a: Attrs) -> list[str]:
     return parts
 
 
+def _refusal(event: Attrs, a: Attrs) -> list[str]:
+    who = event.get("actor_subject") or a.get("broker.approver.sub") or "someone"
+    attempted = a.get("broker.approval.attempted") or a.get("broker.approval.decision")
+    if attempted or event.get("name") != EventName.REQUEST_DENIED:
+        what = f"{who} tried to {attempted or 'decide'}, not a decision"
+    elif a.get("broker.audit.access"):
+        what = f"{who} tried to read the audit record"
+    else:
+        what = f"{who} was refused"
+    code = a.get("broker.refusal.code") or "refused"
+    parts = [f"{what}: refused with {code}"]
+    if a.get("broker.refusal.detail"):
+        parts.append(f"({_short(a.get('broker.refusal.detail'), 100)})")
+    return parts
+
+
 def _approval(event: Attrs, a: Attrs) -> list[str]:
     who = a.get("broker.approver.sub") or event.get("actor_subject")
     verdict = a.get("broker.approval.decision") or a.get("broker.decision") or event.get("outcome")
@@ -79,6 +122,8 @@ def _approval(event: Attrs, a: Attrs) -> list[str]:
 
 
 def _issue(event: Attrs, a: Attrs) -> list[str]:
+    if event.get("outcome") != "success":
+        return _failed_issue(event, a)
     parts = [
         f"{event.get('credential_id')} {a.get('broker.credential.kind', '')} via "
         f"{a.get('broker.backend', '?')}: {event.get('outcome')}"
@@ -89,6 +134,21 @@ def _issue(event: Attrs, a: Attrs) -> list[str]:
         parts.append(f"policies {_short(a.get('broker.credential.policies'))}")
     if a.get("broker.error.code"):
         parts.append(f"error {a.get('broker.error.code')}")
+    return parts
+
+
+def _failed_issue(event: Attrs, a: Attrs) -> list[str]:
+    code = a.get("broker.error.code") or "backend_error"
+    parts = [f"{event.get('credential_id')} via {a.get('broker.backend', '?')}: FAILED ({code})"]
+    if a.get("broker.credential.outcome_unknown") or a.get("broker.credential.state") == (
+        "revoke_pending"
+    ):
+        parts.append(
+            "the backend's answer was lost: revoke_pending until the broker has taken back "
+            "whatever it may have made"
+        )
+    else:
+        parts.append("nothing was issued")
     return parts
 
 
@@ -119,10 +179,28 @@ def _use(event: Attrs, a: Attrs) -> list[str]:
 
 
 def _revoke(event: Attrs, a: Attrs) -> list[str]:
-    parts = [f"{event.get('credential_id')}: {event.get('outcome')}"]
+    if event.get("name") == EventName.CREDENTIAL_REVOKE and event.get("outcome") != "success":
+        parts = [
+            f"{event.get('credential_id')}: NOT REVOKED ({a.get('broker.revoke.error') or 'failed'}), "
+            "still revoke_pending"
+        ]
+        if a.get("broker.revoke.next_attempt_at"):
+            parts.append(f"next attempt {when(a.get('broker.revoke.next_attempt_at'))}")
+    else:
+        parts = [f"{event.get('credential_id')}: {event.get('outcome')}"]
     if a.get("broker.revoke.reason"):
         parts.append(f"({a.get('broker.revoke.reason')})")
     return parts
+
+
+def _end(event: Attrs, a: Attrs) -> list[str]:
+    state = a.get("broker.task.state")
+    if state == "failed" or event.get("outcome") == "failure":
+        parts = [f"FAILED, state {state or 'failed'}"]
+        if a.get("broker.task.end_reason"):
+            parts.append(str(a.get("broker.task.end_reason")))
+        return parts
+    return _other(event, a)
 
 
 def _other(event: Attrs, a: Attrs) -> list[str]:
@@ -141,18 +219,44 @@ _DESCRIBE: dict[str, Any] = {
     EventName.USE_UNMATCHED: _use,
     EventName.CREDENTIAL_REVOKE: _revoke,
     EventName.CREDENTIAL_EXPIRE: _revoke,
+    EventName.TASK_COMPLETE: _end,
 }
 
 
 def describe(event: Attrs) -> str:
     """One line saying what an event records."""
     attrs: Attrs = event.get("attributes") or {}
-    how = _DESCRIBE.get(str(event.get("name")), _other)
+    how = _refusal if is_refusal(event) else _DESCRIBE.get(str(event.get("name")), _other)
     return ", ".join(p for p in how(event, attrs) if p)
 
 
-def render_trace(events: Sequence[Mapping[str, Any]], task_id: str) -> str:
-    """The tree of a task's events, parents before children, siblings in time order."""
+def credential_warnings(credentials: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A sentence for each credential that is not safely over: still ``revoke_pending``."""
+    out = []
+    for cred in credentials:
+        if cred.get("state") != "revoke_pending":
+            continue
+        line = (
+            f"credential {cred.get('id')} is still revoke_pending: its revocation has not "
+            "succeeded yet; the broker keeps retrying"
+        )
+        if cred.get("next_attempt_at"):
+            line += f" (next attempt {when(cred.get('next_attempt_at'))})"
+        if cred.get("expires_at"):
+            line += f"; it expires on its own at {when(cred.get('expires_at'))}"
+        out.append(line)
+    return out
+
+
+def render_trace(
+    events: Sequence[Mapping[str, Any]],
+    task_id: str,
+    *,
+    state: str | None = None,
+    credentials: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The tree of a task's events, parents before children, siblings in time order; with the
+    task's ``state`` and its ``credentials`` (as recorded now), what is still not over."""
     if not events:
         return f"no audit events for task {task_id}"
     by_span = {str(e["span_id"]): e for e in events}
@@ -166,21 +270,22 @@ def render_trace(events: Sequence[Mapping[str, Any]], task_id: str) -> str:
             roots.append(event)
     first = events[0]
     attrs = first.get("attributes") or {}
-    header = (
-        f"task {task_id}  scope {attrs.get('broker.scope', '?')}  trace {first.get('trace_id')}"
-    )
+    header = f"task {task_id}  scope {attrs.get('broker.scope', '?')}"
+    if state:
+        header += f"  state {state}"
+    header += f"  trace {first.get('trace_id')}"
     lines = [header]
 
     def walk(nodes: list[Mapping[str, Any]], prefix: str) -> None:
         nodes = sorted(nodes, key=lambda e: (float(e.get("time") or 0), int(e.get("seq") or 0)))
         for i, node in enumerate(nodes):
             last = i == len(nodes) - 1
-            label = _LABELS.get(str(node.get("name")), str(node.get("name")))
             lines.append(
                 f"{prefix}{'└─ ' if last else '├─ '}{when(node.get('time'))}  "
-                f"{label:<8} {describe(node)}"
+                f"{label(node):<8} {describe(node)}"
             )
             walk(children.get(str(node["span_id"]), []), prefix + ("   " if last else "│  "))
 
     walk(roots, "")
+    lines.extend(f"WARNING: {w}" for w in credential_warnings(credentials))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ number); only the hash links are evidence.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,17 @@ class Finding:
     message: str
     seq: int | None = None
     event_id: str | None = None
+    #: The event's name and time, so a person can find it without the id.
+    name: str | None = None
+    time: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "seq": self.seq,
             "event_id": self.event_id,
+            "name": self.name,
+            "time": self.time,
             "message": self.message,
         }
 
@@ -68,6 +73,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     #: Stop collecting after this many findings (a wholesale rewrite would list every event).
     max_findings: int = 100
+    #: For a file: what kind of export it is and what could be checked in it.
+    export: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,8 +86,10 @@ class Report:
                 Finding(
                     kind,
                     message,
-                    seq=int(row["seq"]) if row is not None else None,
-                    event_id=str(row["id"]) if row is not None else None,
+                    seq=int(row["seq"]) if row is not None and "seq" in row else None,
+                    event_id=str(row["id"]) if row is not None and "id" in row else None,
+                    name=str(row["name"]) if row is not None and "name" in row else None,
+                    time=_float(row.get("time")) if row is not None else None,
                 )
             )
 
@@ -95,7 +104,15 @@ class Report:
             "last_checkpoint_seq": self.last_checkpoint_seq,
             "unsigned_tail": self.unsigned_tail,
             "findings": [f.as_dict() for f in self.findings],
+            **({"export": self.export} if self.export is not None else {}),
         }
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 Lookup = Callable[[str], list[int]]
@@ -318,42 +335,224 @@ def _head_after_catching_up(
     return head_seq, head_hash, checkpoints
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Events of a ``broker audit export`` file, one JSON object per line."""
+# --- exports ---------------------------------------------------------------------------------
+#
+# An export (``broker audit export``) is JSON Lines: a header, the events in chain order, a trailer.
+#
+#   {"broker_audit_export": 1, "created_at": ..., "source": ..., "filter": {...}, "keys": {JWK Set}}
+#   {event} ...
+#   {"broker_audit_export_end": 1, "events": N, "last_seq": ..., "last_hash": ...}
+#
+# The header says what was asked for (an empty filter: the whole chain from its start) and carries
+# the public keys the broker ever signed checkpoints with, so the file verifies on its own. The
+# trailer lets a verifier notice lines cut off the end. Files without a header (older exports)
+# are still read: one starting at the chain's genesis is taken as complete, any other as filtered.
+
+EXPORT_FORMAT = 1
+HEADER_KEY = "broker_audit_export"
+TRAILER_KEY = "broker_audit_export_end"
+
+
+def export_header(
+    *, source: str, filters: Mapping[str, Any], keys: Mapping[str, Any], created_at: float
+) -> dict[str, Any]:
+    """The first line of an export: where it came from, what it holds, the keys to check it."""
+    return {
+        HEADER_KEY: EXPORT_FORMAT,
+        "created_at": created_at,
+        "source": source,
+        "filter": {k: v for k, v in filters.items() if v is not None},
+        "keys": dict(keys),
+    }
+
+
+def export_trailer(events: int, last: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The last line of an export: how many events it holds and the last one's hash."""
+    return {
+        TRAILER_KEY: EXPORT_FORMAT,
+        "events": events,
+        "last_seq": int(last["seq"]) if last is not None else None,
+        "last_hash": str(last["hash"]) if last is not None else None,
+    }
+
+
+@dataclass
+class ExportFile:
+    """An export as read from disk."""
+
+    header: dict[str, Any] | None
+    events: list[dict[str, Any]]
+    trailer: dict[str, Any] | None
+    #: Lines that are not JSON objects (their line numbers).
+    unreadable: list[int] = field(default_factory=list)
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the file holds only some events of the chain (by its header, or, for a file
+        without one, because it does not start at the chain's genesis)."""
+        if self.header is not None:
+            return bool(self.header.get("filter"))
+        return not self.events or self.events[0].get("prev_hash") != GENESIS_HASH
+
+
+def read_export(path: Path) -> ExportFile:
+    """Read an export file; lines are classified, never trusted."""
+    header: dict[str, Any] | None = None
+    trailer: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = []
+    unreadable: list[int] = []
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                unreadable.append(number)
+                continue
+            if not isinstance(item, dict):
+                unreadable.append(number)
+            elif HEADER_KEY in item and header is None and not events:
+                header = item
+            elif TRAILER_KEY in item:
+                trailer = item
+            elif {"seq", "id", "hash", "prev_hash"} <= item.keys():
+                events.append(item)
+            else:
+                unreadable.append(number)
+    return ExportFile(header, events, trailer, unreadable)
+
+
+def keys_in(export: ExportFile) -> CheckpointVerifier:
+    """The public keys an export carries (a JWK Set in its header)."""
+    from broker.audit.checkpoints import PublicKeys
+
+    keys = PublicKeys()
+    body = (export.header or {}).get("keys")
+    if isinstance(body, dict):
+        keys.add_jwk_set(body)
+    return keys
+
+
+class AdjacentLinks:
+    """Checks links only between events adjacent in sequence (a filtered export has gaps)."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.prev: Mapping[str, Any] | None = None
+        self.checked = 0
+        self.skipped = 0
+
+    def feed(self, row: Mapping[str, Any]) -> None:
+        prev, self.prev = self.prev, row
+        if prev is None:
+            return
+        if int(row["seq"]) != int(prev["seq"]) + 1:
+            self.skipped += 1
+            return
+        self.checked += 1
+        if row["prev_hash"] != prev["hash"]:
+            self.report.add(
+                "edited",
+                f"the event at seq {prev['seq']} ({prev['name']}) is not the one the event at "
+                f"seq {row['seq']} follows in the chain: it was edited and its hash recomputed, "
+                "or replaced",
+                prev,
+            )
 
 
 def verify_export(
     path: Path,
-    keys: CheckpointVerifier,
+    keys: CheckpointVerifier | None = None,
     *,
-    partial: bool = False,
+    partial: bool | None = None,
     max_findings: int = 100,
 ) -> Report:
-    """Verify an exported JSONL file offline: every event's hash, the links (unless ``partial``:
-    a filtered export has gaps by design) and the signature of every checkpoint event in it."""
+    """Verify an exported file offline: everything that can be verified in it.
+
+    Every event against its own hash; for a complete export every link from the chain's genesis,
+    for a filtered one (recognised by its header) the links between events adjacent in sequence;
+    every checkpoint event's signature, and that the chain passes through the head it signed
+    where that event is in the file; the trailer's count and last hash. ``keys`` are the trusted
+    public keys; without them, the keys the file carries are used (and the report says so).
+    ``partial`` overrides what the file says about itself.
+    """
+    export = read_export(path)
     report = Report(max_findings=max_findings)
-    by_hash: dict[str, int] = {}
-    by_seq: dict[int, dict[str, Any]] = {}
-    for row in read_jsonl(path):
-        by_hash[str(row["hash"])] = int(row["seq"])
-        by_seq[int(row["seq"])] = {"seq": row["seq"], "id": row["id"], "hash": row["hash"]}
+    filtered = export.filtered if partial is None else partial
+    report.export = {
+        "kind": "filtered" if filtered else "complete",
+        "filter": (export.header or {}).get("filter") if export.header else None,
+        "header": export.header is not None,
+        "source": (export.header or {}).get("source"),
+        "created_at": (export.header or {}).get("created_at"),
+        "keys": "given" if keys is not None else "carried by the file",
+    }
+    if keys is None:
+        keys = keys_in(export)
+    for number in export.unreadable:
+        report.add("unreadable", f"line {number} of the file is not an audit event")
+    by_seq = {int(e["seq"]): e for e in export.events}
+    hashes = {str(e["hash"]): int(e["seq"]) for e in export.events}
 
     def lookup(digest: str) -> list[int]:
-        return [by_hash[digest]] if digest in by_hash else []
+        return [hashes[digest]] if digest in hashes else []
 
-    walker = ChainWalker(report, lookup, check_links=not partial)
-    for row in read_jsonl(path):
+    walker = ChainWalker(report, lookup, check_links=not filtered)
+    adjacent = AdjacentLinks(report)
+    for row in export.events:
         walker.feed(row)
+        if filtered:
+            adjacent.feed(row)
+    report.export["links_checked"] = adjacent.checked if filtered else len(export.events)
+    report.export["links_unchecked"] = adjacent.skipped if filtered else 0
+    report.export["checkpoints_beyond_file"] = 0
     for seq, event in walker.checkpoint_events.items():
-        if partial and seq not in by_seq:
-            # A filtered export may leave out the event a checkpoint signed: check the
-            # signature alone.
-            by_seq[seq] = {"seq": seq, "hash": _checkpoint_from_event(event)["hash"]}
+        if seq not in by_seq and filtered:
+            # The head it signed is not in the file: its signature is all there is to check.
+            report.export["checkpoints_beyond_file"] += 1
+            signed = _checkpoint_from_event(event)
+            check_checkpoint(report, signed, keys, _signed_head(signed))
+            continue
         check_checkpoint(report, _checkpoint_from_event(event), keys, by_seq.get)
+    _check_trailer(report, export)
     if report.last_seq is not None:
         report.unsigned_tail = report.last_seq - (report.last_checkpoint_seq or 0)
     return report
+
+
+def _signed_head(signed: Mapping[str, Any]) -> Callable[[int], Mapping[str, Any] | None]:
+    """For a checkpoint whose head is outside the file: the head as the checkpoint states it."""
+
+    def event_at(seq: int) -> Mapping[str, Any] | None:
+        return {"seq": seq, "hash": signed["hash"]}
+
+    return event_at
+
+
+def _check_trailer(report: Report, export: ExportFile) -> None:
+    if export.header is None:
+        return  # an older export: it had no trailer to check
+    trailer = export.trailer
+    if trailer is None:
+        report.add(
+            "truncated",
+            "the file ends without its trailer: lines at its end were cut off",
+        )
+        return
+    last = export.events[-1] if export.events else None
+    if trailer.get("events") != len(export.events):
+        report.add(
+            "deleted" if int(trailer.get("events") or 0) > len(export.events) else "inserted",
+            f"the file's trailer counts {trailer.get('events')} events, the file holds "
+            f"{len(export.events)}: events were removed from or added to the file",
+        )
+    elif last is not None and (
+        trailer.get("last_seq") != int(last["seq"]) or trailer.get("last_hash") != last["hash"]
+    ):
+        report.add(
+            "edited",
+            f"the file's trailer names seq {trailer.get('last_seq')} as the last event, not "
+            f"seq {last['seq']} as found",
+            last,
+        )

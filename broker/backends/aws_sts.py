@@ -29,9 +29,12 @@ import botocore.exceptions
 from botocore.config import Config
 
 from broker.backends import sts_deny, sts_rules
+from broker.backends.aws_trust import principal_arn, trust_verdict
 from broker.backends.base import Minted, MintOutcomeUnknown, MintRequest, Revocation, RevokeRef
 from broker.domain.scope import AwsStsBackend as AwsStsSpec
-from broker.errors import InvalidRequest, ServiceUnavailable
+from broker.domain.scope import ScopeTemplate
+from broker.errors import InvalidRequest, ScopeMisconfigured, ServiceUnavailable
+from broker.scopes.prerequisites import Requirement, requirements, trust_statement
 from broker.settings import AwsSettings
 
 if TYPE_CHECKING:
@@ -202,6 +205,14 @@ class AwsStsBackend:
             response = self.sts.assume_role(**params)
         except botocore.exceptions.ClientError as exc:
             code = _error_code(exc)
+            if code in ("AccessDenied", "NoSuchEntity"):
+                # The role does not trust the broker (or the broker may not assume it): only an
+                # admin can fix that, so the agent is told the scope is misconfigured.
+                raise ScopeMisconfigured(
+                    "the scope is misconfigured at AWS",
+                    internal=f"AssumeRole of {spec.role_arn} by {self._caller_arn_or_unknown()}: "
+                    f"{code}: {exc}"[:500],
+                ) from None
             raise ServiceUnavailable(
                 "AWS STS refused to issue the credential"
                 if code in _REFUSALS
@@ -306,6 +317,10 @@ class AwsStsBackend:
         self._caller = (time.monotonic(), arn)
         return arn
 
+    def _caller_arn_or_unknown(self) -> str:
+        cached = self._caller
+        return cached[1] if cached is not None else "the broker"
+
     def _role_max(self, role_arn: str) -> int | None:
         """The role's MaxSessionDuration; refuses a role that does not exist."""
         if not self.settings.verify_roles:
@@ -318,10 +333,9 @@ class AwsStsBackend:
         except botocore.exceptions.ClientError as exc:
             code = _error_code(exc)
             if code == "NoSuchEntity":
-                raise ServiceUnavailable(
-                    "the AWS role this scope names does not exist",
-                    code="backend_refused",
-                    internal=f"role {role_arn} not found",
+                raise ScopeMisconfigured(
+                    "the scope is misconfigured at AWS",
+                    internal=f"IAM role {role_arn} does not exist",
                 ) from None
             if code in ("AccessDenied", "AccessDeniedException"):
                 # The broker may not read roles: fall back to the template's declared maximum.
@@ -332,14 +346,69 @@ class AwsStsBackend:
                 return None
             raise
         if role["Arn"] != role_arn:
-            raise ServiceUnavailable(
-                "the AWS role this scope names does not exist",
-                code="backend_refused",
-                internal=f"role {role_arn} resolved to {role['Arn']}",
+            raise ScopeMisconfigured(
+                "the scope is misconfigured at AWS",
+                internal=f"IAM role {role_arn} does not exist (its name resolves to {role['Arn']})",
             )
         max_session = int(role.get("MaxSessionDuration") or 3600)
         self._roles[role_arn] = (time.monotonic(), max_session)
         return max_session
+
+    # --- prerequisites (``broker scopes check --live``) ---------------------------------------
+
+    def check(self, template: ScopeTemplate) -> list[Requirement]:
+        """The role exists, is long enough, and trusts the broker (asked now, nothing cached)."""
+        spec = template.backend
+        if not isinstance(spec, AwsStsSpec):
+            return []
+        listed = {r.key: r for r in requirements(template)}
+        exists, trust = listed[("iam_role", spec.role_arn)], listed[("trust", spec.role_arn)]
+        try:
+            caller = self.sts.get_caller_identity()["Arn"]
+            role = self.iam.get_role(RoleName=role_name(spec.role_arn))["Role"]
+        except botocore.exceptions.ClientError as exc:
+            code = _error_code(exc)
+            if code == "NoSuchEntity":
+                return [
+                    exists.checked("missing", f"IAM has no role {role_name(spec.role_arn)!r}"),
+                    trust.checked("missing", "the role does not exist"),
+                ]
+            why = f"IAM refused to describe the role ({code}): the broker needs iam:GetRole"
+            return [exists.checked("unknown", why), trust.checked("unknown", why)]
+        except botocore.exceptions.BotoCoreError as exc:
+            why = f"AWS did not answer ({type(exc).__name__})"
+            return [exists.checked("unknown", why), trust.checked("unknown", why)]
+        out: list[Requirement] = []
+        max_session = int(role.get("MaxSessionDuration") or 3600)
+        if role["Arn"] != spec.role_arn:
+            out.append(exists.checked("missing", f"the name resolves to {role['Arn']}"))
+        elif max_session < spec.role_max_session:
+            out.append(
+                exists.checked(
+                    "missing",
+                    f"its maximum session is {max_session} s",
+                    fix=f"aws iam update-role --role-name {role_name(spec.role_arn)} "
+                    f"--max-session-duration {spec.role_max_session} (or lower role_max_session)",
+                )
+            )
+        else:
+            out.append(exists.checked("ok", f"exists, maximum session {max_session} s"))
+        verdict = trust_verdict(role.get("AssumeRolePolicyDocument"), caller)
+        fix = "add to its trust policy: " + trust_statement(principal_arn(caller))
+        if verdict.missing:
+            out.append(
+                trust.checked(
+                    "missing",
+                    f"it does not allow {', '.join(verdict.missing)} to {principal_arn(caller)}",
+                    fix=fix,
+                )
+            )
+        else:
+            found = f"allows {principal_arn(caller)}"
+            if verdict.conditional:
+                found += " (under conditions the check does not evaluate)"
+            out.append(trust.checked("ok", found, fix=fix))
+        return out
 
     # --- kill switches ------------------------------------------------------------------------
 

@@ -19,16 +19,22 @@ and one pure check (``plan``) that runs before anything is recorded:
    non-secret facts for operators.
 
 Backends that can list what they made implement :class:`Inventory` (the reaper's orphan scan);
-backends with a login to keep alive implement :class:`Maintained`.
+backends with a login to keep alive implement :class:`Maintained`; backends that can tell whether
+a scope's prerequisites hold (its policies, roles, trust) implement :class:`Checkable`, which
+``broker scopes check --live`` calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from broker.errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from broker.domain.scope import ScopeTemplate
+    from broker.scopes.prerequisites import Requirement
 
 #: How a backend takes a credential back: ``revoke`` (the backend deletes it), ``deny_list``
 #: (it cannot; the broker installs a deny entry until the credential expires) or ``record``
@@ -198,4 +204,21 @@ class Maintained(Protocol):
 
     def maintain(self) -> None:
         """Renew or refresh the broker's own backend identity when due."""
+        ...
+
+
+@runtime_checkable
+class Checkable(Protocol):
+    """A backend that checks, live, what a scope needs from it (``broker scopes check --live``).
+
+    ``check`` starts from :func:`broker.scopes.prerequisites.requirements` for the template (or
+    its own list) and returns each with its status: ``ok``, ``missing`` (with exactly what to
+    create in ``fix``) or ``unknown`` (the broker may not look; ``found`` says why). It never
+    creates anything, and answers only from the backend (no cache): it is the admin's question
+    "would a mint of this scope work now?". A new backend implements this method and registers
+    its offline list in ``broker.scopes.prerequisites.REQUIREMENTS``.
+    """
+
+    def check(self, template: ScopeTemplate) -> list[Requirement]:
+        """Each prerequisite of ``template`` at this backend, with its status."""
         ...

@@ -21,8 +21,10 @@ import jwt
 
 from broker.backends.base import Minted, MintRequest, Revocation, RevokeRef
 from broker.domain.scope import BrokerJwtBackend as BrokerJwtSpec
+from broker.domain.scope import ScopeTemplate
 from broker.errors import InvalidRequest
 from broker.keyring import KeyRing
+from broker.scopes.prerequisites import Requirement, requirements
 
 #: Claims the broker owns; a template cannot set them.
 RESERVED_CLAIMS = frozenset(
@@ -113,6 +115,17 @@ class BrokerJwtBackend:
 
     def health(self) -> None:
         self.keyring.current()
+
+    def check(self, template: ScopeTemplate) -> list[Requirement]:
+        """A broker-signed token needs only the broker's signing key."""
+        try:
+            key = self.keyring.current()
+        except Exception as exc:  # a key file that cannot be read, whatever the reason
+            return [
+                r.checked("missing", f"no signing key ({type(exc).__name__})")
+                for r in requirements(template)
+            ]
+        return [r.checked("ok", f"key {key.kid} ({key.alg})") for r in requirements(template)]
 
     def describe(self) -> dict[str, Any]:
         key = self.keyring.current()

@@ -56,6 +56,7 @@ from broker.domain import github
 from broker.domain.scope import GitHubAppBackend as GitHubAppSpec
 from broker.domain.scope import ScopeTemplate
 from broker.errors import ConfigurationError, InvalidRequest, ServiceUnavailable
+from broker.scopes.prerequisites import Requirement, requirements
 from broker.settings import GitHubAppSettings
 
 log = logging.getLogger(__name__)
@@ -628,6 +629,20 @@ class GitHubAppBackend:
         return None
 
     # --- for `broker scopes check --live` --------------------------------------------------------
+
+    def check(self, template: ScopeTemplate) -> list[Requirement]:
+        """``broker scopes check --live``: the installation holds what ``template`` may ask for
+        (:meth:`check_template` says what is wrong, nothing cached)."""
+        wanted = requirements(template)
+        if "{{" in getattr(template.backend, "owner", ""):
+            return [
+                r.checked("unknown", "the owner is a parameter: checked at each mint")
+                for r in wanted
+            ]
+        problems = self.check_template(template)
+        if problems:
+            return [r.checked("missing", "; ".join(problems)) for r in wanted]
+        return [r.checked("ok", "installed, with those permissions") for r in wanted]
 
     def check_template(self, template: ScopeTemplate) -> list[str]:
         """Problems a live GitHub shows for ``template`` (empty when none): the App is installed

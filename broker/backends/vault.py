@@ -21,6 +21,7 @@ login (re-done before the token expires; the JWT file is re-read each time). Wha
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import re
 import threading
@@ -45,9 +46,10 @@ from broker.backends.base import (
     RevocationUnconfirmed,
     RevokeRef,
 )
-from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
+from broker.domain.scope import ScopeTemplate, VaultDatabaseBackend, VaultTokenBackend
 from broker.domain.vault_policies import ForbiddenPolicies, vault_policy_name
-from broker.errors import InvalidRequest, ServiceUnavailable
+from broker.errors import InvalidRequest, ScopeMisconfigured, ServiceUnavailable
+from broker.scopes.prerequisites import Names, Requirement, requirements, vault_policies
 from broker.settings import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,17 @@ log = logging.getLogger(__name__)
 #: A policy granting ``sudo`` on any path is refused (HCL and JSON both quote capabilities).
 _SUDO = re.compile(r"""["']sudo["']""", re.IGNORECASE)
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-#: How long a policy's vetting result is reused.
+#: How long a policy's vetting result is reused (only a policy that exists is remembered: an admin
+#: who creates a missing policy sees the next mint use it).
 POLICY_CACHE_SECONDS = 60.0
+#: Vault's refusals that mean the scope names something Vault does not have or does not allow.
+_MISCONFIGURED = (
+    "allowed policies",
+    "disallowed by this role",
+    "unknown role",
+    "role not found",
+    "no handler for route",
+)
 #: Metadata keys on every token the broker creates.
 META_CLUSTER = "broker_cluster"
 META_TASK = "broker_task"
@@ -86,6 +97,21 @@ def _refused(exc: Exception) -> ServiceUnavailable:
         code="backend_refused",
         internal=repr(exc)[:500],
     )
+
+
+def _misconfigured(cause: str) -> ScopeMisconfigured:
+    """The scope names something Vault lacks; ``cause`` says what, for the admin only."""
+    return ScopeMisconfigured("the scope is misconfigured at OpenBao/Vault", internal=cause[:500])
+
+
+def _misconfiguration(exc: hvac.exceptions.VaultError, what: str) -> ScopeMisconfigured | None:
+    """A refusal that proves the scope's setup is incomplete (not the request, not an outage)."""
+    text = str(exc).split(", on ")[0]
+    if isinstance(exc, hvac.exceptions.InvalidPath) or any(
+        m in text.lower() for m in _MISCONFIGURED
+    ):
+        return _misconfigured(f"{what}: {text}")
+    return None
 
 
 def _vault_time(value: Any) -> float | None:
@@ -333,9 +359,19 @@ class VaultBackend:
             raise _connection_error(exc) from None
         except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError) as exc:
             raise _unavailable(exc) from None
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as exc:
+            raise (_misconfiguration(exc, self._what(spec)) or _refused(exc)) from None
         except hvac.exceptions.VaultError as exc:
             raise _refused(exc) from None
         raise InvalidRequest(f"the vault backend cannot mint {type(spec).__name__}")
+
+    def _what(self, spec: VaultTokenBackend | VaultDatabaseBackend) -> str:
+        if isinstance(spec, VaultTokenBackend):
+            return (
+                f"creating a token with policies {list(spec.policies)} through token role "
+                f"{self.settings.token_role!r}"
+            )
+        return f"reading {spec.mount}/creds/{spec.role}"
 
     def revoke(self, ref: RevokeRef) -> None:
         """Revoke, then confirm: a token by accessor; a database lease by lease id and its
@@ -559,38 +595,233 @@ class VaultBackend:
                 revoked.append(obj.handle)
         return revoked
 
+    def policy_text(self, name: str) -> str | None:
+        """The ACL policy's text, or None when Vault has no such policy (never cached)."""
+        now = time.monotonic()
+        cached = self._policy_cache.get(name)
+        if cached is not None and now - cached[0] <= POLICY_CACHE_SECONDS:
+            return cached[1]
+        try:
+            body = self.client.adapter.get(f"/v1/sys/policies/acl/{quote(name, safe='')}")
+        except hvac.exceptions.InvalidPath:
+            self._policy_cache.pop(name, None)
+            return None
+        text = str(body["data"]["policy"])
+        self._policy_cache[name] = (now, text)
+        return text
+
     def vet_policy(self, name: str) -> None:
-        """Refuse ``root``, the forbidden policies and any policy whose text grants ``sudo``
-        (the text is cached for a minute). Names are compared as Vault normalises them."""
+        """Refuse ``root`` and the forbidden policies (compared as Vault normalises names), a
+        policy Vault does not have, and any policy whose text grants ``sudo`` (an existing
+        policy's text is cached for a minute)."""
         if name in self.forbidden:
             raise InvalidRequest(
                 "this policy can never be requested (root, or forbidden by the administrator)",
                 code="forbidden_policy",
             )
         name = vault_policy_name(name)
-        now = time.monotonic()
-        cached = self._policy_cache.get(name)
-        if cached is None or now - cached[0] > POLICY_CACHE_SECONDS:
-            try:
-                body = self.client.adapter.get(f"/v1/sys/policies/acl/{quote(name, safe='')}")
-                text: str | None = str(body["data"]["policy"])
-            except hvac.exceptions.InvalidPath:
-                text = None
-            cached = (now, text)
-            self._policy_cache[name] = cached
-        text = cached[1]
+        text = self.policy_text(name)
         if text is None:
-            raise InvalidRequest(
-                "a policy this scope names does not exist in OpenBao/Vault",
-                code="unknown_policy",
-                internal=f"policy {name!r} not found",
-            )
+            raise _misconfigured(f"OpenBao/Vault has no policy named {name!r}")
         if _SUDO.search(text):
-            raise InvalidRequest(
-                "a policy this scope names grants sudo; the broker never hands those out",
-                code="forbidden_policy",
-                internal=f"policy {name!r} grants sudo",
+            raise _misconfigured(
+                f"OpenBao/Vault policy {name!r} grants sudo; the broker never hands those out"
             )
+
+    # --- prerequisites (``broker scopes check --live``) -------------------------------------
+
+    def check(self, template: ScopeTemplate) -> list[Requirement]:
+        """Each prerequisite of ``template`` at OpenBao/Vault, asked now (nothing cached)."""
+        names = Names(self.settings.token_role, self.settings.lease_token_role)
+        spec = template.backend
+        try:
+            if isinstance(spec, VaultTokenBackend):
+                return self._check_token(template, spec, names)
+            if isinstance(spec, VaultDatabaseBackend):
+                return self._check_database(template, spec, names)
+        except requests.exceptions.RequestException as exc:
+            return [
+                r.checked("unknown", f"OpenBao/Vault did not answer ({type(exc).__name__})")
+                for r in requirements(template, names)
+            ]
+        return []
+
+    def _read(self, path: str) -> tuple[str, dict[str, Any] | None]:
+        """``("ok", data)``, ``("missing", None)`` or ``("forbidden", None)`` for a GET."""
+        try:
+            body = self.client.adapter.get(path)
+        except hvac.exceptions.InvalidPath:
+            return "missing", None
+        except hvac.exceptions.Forbidden:
+            return "forbidden", None
+        return "ok", dict((body or {}).get("data") or {})
+
+    def _capability(self, path: str, wanted: str) -> bool | None:
+        """Whether the broker's own token has ``wanted`` on ``path`` (None: cannot tell)."""
+        try:
+            body = self.client.adapter.post("/v1/sys/capabilities-self", json={"paths": [path]})
+        except hvac.exceptions.VaultError:
+            return None
+        caps = (body or {}).get("capabilities") or (body or {}).get(path) or []
+        return wanted in caps or "root" in caps
+
+    def _check_token(
+        self, template: ScopeTemplate, spec: VaultTokenBackend, names: Names
+    ) -> list[Requirement]:
+        listed = {r.key: r for r in requirements(template, names)}
+        out: list[Requirement] = []
+        role = self.settings.token_role
+        role_state, role_data = (
+            self._read(f"/v1/auth/token/roles/{quote(role, safe='')}") if role else ("none", None)
+        )
+        known, open_ended = vault_policies(template, spec)
+        for policy in known:
+            exists = listed[("policy", policy)]
+            state, data = self._read(f"/v1/sys/policies/acl/{quote(policy, safe='')}")
+            if state == "missing":
+                out.append(exists.checked("missing", f"OpenBao/Vault has no policy {policy!r}"))
+            elif state == "forbidden":
+                out.append(
+                    exists.checked(
+                        "unknown",
+                        "the broker's token may not read sys/policies/acl/* (it needs read "
+                        "there to refuse policies granting sudo)",
+                    )
+                )
+            elif _SUDO.search(str((data or {}).get("policy") or "")):
+                out.append(
+                    exists.checked(
+                        "missing",
+                        f"the policy {policy!r} grants sudo; the broker never hands it out",
+                        fix=f"remove sudo from the policy {policy!r} (bao policy write {policy} ...)",
+                    )
+                )
+            else:
+                out.append(exists.checked("ok", "exists"))
+            allows = listed[("role_allows", policy)]
+            out.append(self._role_allows(allows, role, role_state, role_data, policy))
+        out.extend(
+            listed[("open_policy", policy)].checked(
+                "unknown", "a free parameter names the policy: each value is checked at mint time"
+            )
+            for policy in open_ended
+        )
+        if role:
+            may = self._capability(f"auth/token/create/{role}", "update")
+            out.append(
+                Requirement(
+                    template.name,
+                    f"the broker's token may create tokens through the role {role!r}",
+                    f'add path "auth/token/create/{role}" {{ capabilities = ["update"] }} to the '
+                    "broker's policy",
+                    status="ok" if may else ("missing" if may is False else "unknown"),
+                    found=None
+                    if may
+                    else "sys/capabilities-self said no"
+                    if may is False
+                    else None,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _role_allows(  # noqa: PLR0911  # one answer per way a role can stand
+        requirement: Requirement,
+        role: str | None,
+        state: str,
+        data: dict[str, Any] | None,
+        policy: str,
+    ) -> Requirement:
+        if role is None:
+            return requirement.checked(
+                "unknown",
+                "no token role is configured (vault.token_role): OpenBao then lets the broker "
+                "grant only the policies its own token holds",
+                fix="create a token role with allowed_policies and set BROKER_VAULT__TOKEN_ROLE",
+            )
+        if state == "missing":
+            return requirement.checked(
+                "missing",
+                f"there is no token role {role!r}",
+                fix=f"bao write auth/token/roles/{role} allowed_policies={policy} orphan=true "
+                "renewable=false token_type=service",
+            )
+        if state == "forbidden" or data is None:
+            return requirement.checked(
+                "unknown",
+                f"the broker's token may not read auth/token/roles/{role} (grant it read there "
+                "so `broker scopes check --live` can tell)",
+            )
+        allowed = list(data.get("allowed_policies") or [])
+        allowed_glob = list(data.get("allowed_policies_glob") or [])
+        disallowed = list(data.get("disallowed_policies") or [])
+        disallowed_glob = list(data.get("disallowed_policies_glob") or [])
+        if policy in disallowed or any(fnmatch.fnmatchcase(policy, g) for g in disallowed_glob):
+            return requirement.checked(
+                "missing",
+                f"the role disallows it (disallowed_policies {', '.join(disallowed) or '-'}; "
+                f"globs {', '.join(disallowed_glob) or '-'})",
+                fix=f"remove {policy!r} from the role's disallowed policies, or name another policy",
+            )
+        if not allowed and not allowed_glob:
+            return requirement.checked(
+                "unknown",
+                "the role has no allowed_policies: OpenBao then allows only the policies the "
+                "broker's own token holds",
+                fix=f"bao write auth/token/roles/{role} allowed_policies={policy}",
+            )
+        if policy in allowed or any(fnmatch.fnmatchcase(policy, g) for g in allowed_glob):
+            return requirement.checked("ok", "allowed")
+        return requirement.checked(
+            "missing",
+            f"the role allows only {', '.join(allowed) or '-'}"
+            + (f" (globs {', '.join(allowed_glob)})" if allowed_glob else ""),
+            fix=f"bao write auth/token/roles/{role} allowed_policies={','.join([*allowed, policy])}",
+        )
+
+    def _check_database(
+        self, template: ScopeTemplate, spec: VaultDatabaseBackend, names: Names
+    ) -> list[Requirement]:
+        out: list[Requirement] = []
+        for requirement in requirements(template, names):
+            if requirement.key[:1] == ("database_role",):
+                role = requirement.key[1]
+                state, data = self._read(
+                    f"/v1/{quote(spec.mount, safe='')}/roles/{quote(role, safe='')}"
+                )
+                if state == "ok":
+                    found = f"exists (connection {(data or {}).get('db_name')})"
+                    out.append(requirement.checked("ok", found))
+                elif state == "missing":
+                    out.append(
+                        requirement.checked(
+                            "missing", f"no role {role!r} under the mount {spec.mount!r}"
+                        )
+                    )
+                else:
+                    out.append(
+                        requirement.checked(
+                            "unknown",
+                            f"the broker's token may not read {spec.mount}/roles/* (grant it read)",
+                        )
+                    )
+            elif names.lease_token_role:
+                out.append(
+                    requirement.checked(
+                        "unknown",
+                        "the lease owner's policy is checked at mint time (it belongs to the "
+                        f"lease token role {names.lease_token_role!r})",
+                    )
+                )
+            else:
+                may = self._capability(f"{spec.mount}/creds/{spec.role}", "read")
+                out.append(
+                    requirement.checked(
+                        "ok" if may else ("missing" if may is False else "unknown"),
+                        None if may else "sys/capabilities-self said no",
+                    )
+                )
+        return out
 
     def _create_token(
         self,

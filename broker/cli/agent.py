@@ -14,7 +14,6 @@ Exit status: the command's own for ``exec`` once it ran; otherwise 0 success, 1 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import threading
@@ -22,46 +21,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Annotated, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
 
 import typer
 
-from broker.client import (
-    ApprovalPending,
-    AuthenticationError,
-    BrokerClient,
-    BrokerClientError,
-    BrokerUnreachable,
-    ClientConfig,
-    CompletionFailed,
-    ConfigurationError,
-    Conflict,
-    Credential,
-    Forbidden,
-    Grant,
-    InvalidRequest,
-    RateLimited,
-    ServiceUnavailable,
-    SessionCache,
-    Task,
-)
-from broker.client._protocol import WaitStatus
-from broker.client.config import default_cache_path
-from broker.client.errors import format_duration
-from broker.client.models import describe_approval, scope_parameters
-from broker.client.process import child_env, new_span_id, recorded_command, run
-from broker.client.signals import guard
-from broker.git_credential import agent_for
+from broker.cli import signin
+from broker.cli.output import Json, Quiet, emit_json, facts, note, table
+from broker.cli.signin import EXIT_DENIED, EXIT_USAGE, Url
 
-EXIT_OTHER = 1
-EXIT_USAGE = 2
-EXIT_PENDING = 3
-EXIT_DENIED = 4
-EXIT_EXPIRED = 5
-EXIT_RATE_LIMITED = 6
-EXIT_UNAVAILABLE = 7
-EXIT_UNAUTHENTICATED = 8
+if TYPE_CHECKING:  # the client pulls in httpx; each command imports it when it runs
+    from broker.client._protocol import WaitStatus
+    from broker.client.errors import BrokerClientError
+    from broker.client.models import Credential, Grant, Task
+    from broker.client.sync import BrokerClient
 
 OPEN_STATES = ["pending", "approved", "active"]
 
@@ -69,6 +41,7 @@ tasks_app = typer.Typer(
     help="Your tasks: `broker tasks` lists them, `broker tasks show ID` shows one.",
     invoke_without_command=True,
     no_args_is_help=False,
+    rich_markup_mode=None,
 )
 
 # --- shared options ------------------------------------------------------------------------
@@ -98,80 +71,42 @@ Wait = Annotated[
     ),
 ]
 NoWait = Annotated[
-    bool, typer.Option("--no-wait", help="Do not wait for an approver; report the pending task.")
+    bool,
+    typer.Option(
+        "--no-wait", help="Only open the request: print its task id and do not wait or mint."
+    ),
 ]
 TaskOpt = Annotated[
     str | None,
     typer.Option("--task", help="Use this earlier task (from `broker request --no-wait`)."),
 ]
-JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+JsonOut = Json
 
 
 def _say(message: str, *, quiet: bool = False) -> None:
-    if not quiet:
-        typer.echo(f"broker: {message}", err=True)
-
-
-#: Exit status per error family, most specific first (subclasses before their roots).
-_EXIT_CODES: tuple[tuple[type[BrokerClientError], int], ...] = (
-    (ApprovalPending, EXIT_PENDING),
-    (Forbidden, EXIT_DENIED),
-    (Conflict, EXIT_EXPIRED),
-    (RateLimited, EXIT_RATE_LIMITED),
-    (BrokerUnreachable, EXIT_UNAVAILABLE),
-    (ServiceUnavailable, EXIT_UNAVAILABLE),
-    (AuthenticationError, EXIT_UNAUTHENTICATED),
-    (ConfigurationError, EXIT_USAGE),
-    (InvalidRequest, EXIT_USAGE),
-)
-
-
-def _exit_code(exc: BrokerClientError) -> int:
-    return next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), EXIT_OTHER)
+    note(f"broker: {message}", quiet=quiet)
 
 
 def _fail(exc: BrokerClientError) -> NoReturn:
-    typer.echo(f"error: {exc.detail}", err=True)
-    if exc.next_step:
-        typer.echo(f"next: {exc.next_step}", err=True)
-    raise typer.Exit(_exit_code(exc))
+    signin.report(exc)
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except BrokerClientError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+_errors = signin.errors
 
 
-def _dev_env_value(key: str, path: Path = Path(".dev/env")) -> str | None:
-    """A value from the env file `broker dev` writes, so a dev shell needs no exports."""
-    try:
-        for line in path.read_text().splitlines():
-            k, sep, v = line.partition("=")
-            if sep and k.strip() == key:
-                return v.strip()
-    except OSError:
-        return None
-    return None
+def _config(url: str | None = None) -> Any:
+    from broker.client.config import ClientConfig
+
+    return ClientConfig.from_env(broker_url=signin.broker_url(url))
 
 
-def _config() -> ClientConfig:
-    return ClientConfig.from_env(
-        broker_url=os.environ.get("BROKER_URL") or _dev_env_value("BROKER_URL")
-    )
-
-
-def _client() -> BrokerClient:
-    return BrokerClient(_config(), session_cache=SessionCache(default_cache_path()))
+def _client(url: str | None = None) -> BrokerClient:
+    return signin.client(url)
 
 
 def _when(ts: float | None) -> str:
+    from broker.client.errors import format_duration
+
     if ts is None:
         return "-"
     left = ts - time.time()
@@ -181,6 +116,9 @@ def _when(ts: float | None) -> str:
 
 def _parse_params(items: list[str] | None, scope: dict[str, Any] | None) -> dict[str, Any]:
     """``key=value`` typed by the scope's declared parameter type, or ``key:=JSON`` verbatim."""
+    from broker.client.errors import InvalidRequest
+    from broker.client.models import scope_parameters
+
     declared = scope_parameters(scope or {})
     out: dict[str, Any] = {}
     for item in items or []:
@@ -215,6 +153,8 @@ def _parse_params(items: list[str] | None, scope: dict[str, Any] | None) -> dict
 
 
 def _scope_info(client: BrokerClient, name: str) -> dict[str, Any] | None:
+    from broker.client.errors import BrokerClientError
+
     try:
         for scope in client.scopes():
             if scope.get("name") == name:
@@ -243,6 +183,8 @@ class Progress:
         self._thread: threading.Thread | None = None
 
     def line(self, frame: str = "") -> str:
+        from broker.client.errors import format_duration
+
         status = self.status
         if status is None:
             return ""
@@ -299,6 +241,8 @@ def _progress(quiet: bool) -> Iterator[Progress]:
 
 
 def _wait_timeout(wait: float | None, no_wait: bool) -> float | None:
+    from broker.client.errors import InvalidRequest
+
     if no_wait:
         return 0.0
     if wait is not None and wait < 0:
@@ -313,40 +257,44 @@ def login(
     force: Annotated[
         bool, typer.Option(help="Exchange a fresh ID token even if a session is cached.")
     ] = True,
+    url: Url = None,
     as_json: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """Exchange your ID token for a broker session (cached for the next commands)."""
-    with _errors(), _client() as client:
+    with _errors(), _client(url) as client:
         session = client.login(force=force)
         me = client.whoami()
+        source = client.id_token_source().description
         if as_json:
-            typer.echo(
-                json.dumps(
-                    {
-                        "issuer": me.issuer,
-                        "subject": me.subject,
-                        "display_name": me.display_name,
-                        "groups": me.groups,
-                        "roles": me.roles,
-                        "session_id": me.session_id,
-                        "expires_at": session.expires_at,
-                        "id_token_source": client.id_token_source().description,
-                    }
-                )
+            emit_json(
+                {
+                    "issuer": me.issuer,
+                    "subject": me.subject,
+                    "display_name": me.display_name,
+                    "groups": me.groups,
+                    "roles": me.roles,
+                    "session_id": me.session_id,
+                    "expires_at": session.expires_at,
+                    "id_token_source": source,
+                }
             )
             return
-        typer.echo(
-            f"logged in as {me.subject} ({me.issuer}) with {client.id_token_source().description}; "
+        roles = ", ".join(me.roles) or "none"
+        note(
+            f"logged in as {me.subject} ({me.issuer}) with {source}; roles: {roles}; "
             f"session ends {_when(session.expires_at)}",
-            err=True,
+            quiet=quiet,
         )
 
 
-def logout() -> None:
+def logout(url: Url = None, as_json: JsonOut = False, quiet: Quiet = False) -> None:
     """End the session: its open tasks are completed and their credentials revoked."""
-    with _errors(), _client() as client:
+    with _errors(), _client(url) as client:
         client.logout()
-    typer.echo("logged out", err=True)
+    if as_json:
+        emit_json({"logged_out": True})
+    note("logged out", quiet=quiet)
 
 
 # --- request -------------------------------------------------------------------------------
@@ -378,8 +326,10 @@ def _grant_json(grant: Grant) -> str:
     )
 
 
-def request(
-    scope: Annotated[str | None, typer.Argument(help="The scope to request.")] = None,
+def request(  # noqa: PLR0912, PLR0915  # one branch per way a request ends
+    scope: Annotated[
+        str | None, typer.Argument(help="The scope to request.", metavar="SCOPE")
+    ] = None,
     param: ScopeParams = None,
     purpose: Purpose = None,
     ttl: Ttl = None,
@@ -394,19 +344,33 @@ def request(
             help="env (export lines for eval), json, or credential-process (AWS SDKs).",
         ),
     ] = "env",
+    url: Url = None,
+    as_json: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
     """Request a scope, wait for approval, and print the credential.
 
     The task stays active until `broker complete TASK` or its TTL ends; prefer `broker exec`,
-    which completes it for you. For AWS SDKs, put this in ~/.aws/config:
+    which completes it for you. With --no-wait the request is only opened: its task id is
+    printed on standard output (pick it up later with `broker request --task ID`).
 
+    For AWS SDKs, put this in ~/.aws/config:
+
+    \b
         credential_process = broker request aws-s3-read -p bucket=B --purpose "..." -o credential-process
     """
+    from broker.client.errors import ApprovalPending, InvalidRequest
+    from broker.client.models import Grant
+    from broker.client.signals import guard
+
+    if as_json:
+        output = "json"
     if output not in ("env", "json", "credential-process"):
         _fail(InvalidRequest("--format is env, json or credential-process"))
+    if no_wait and task_id:
+        _fail(InvalidRequest("--no-wait opens a new request; --task continues an earlier one"))
     quiet = quiet or output == "credential-process"
-    with _errors(), _client() as client, _progress(quiet) as progress:
+    with _errors(), _client(url) as client, _progress(quiet) as progress:
         created = False
         if task_id:
             task = client.get_task(task_id)
@@ -425,6 +389,9 @@ def request(
             params = _parse_params(param, info)
             task = client.request_task(scope, purpose=purpose, params=params, ttl=ttl)
             created = True
+        if no_wait:
+            _opened(client, task, output, quiet)
+            return
         with guard():  # SIGTERM/SIGHUP unwind like Ctrl-C, so the cleanup below runs
             try:
                 task = client.wait(task, timeout=_wait_timeout(wait, no_wait), on_wait=progress)
@@ -459,7 +426,31 @@ def request(
         )
 
 
+def _opened(client: BrokerClient, task: Task, output: str, quiet: bool) -> None:
+    """``--no-wait``: the task id on standard output (the task as JSON with --json), and how to
+    go on, on standard error. A denial has already raised; pending and approved both exit 0."""
+    approvers = client.approvers(task) if task.pending else None
+    if output == "json":
+        emit_json(_task_json(task, approvers))
+    else:
+        typer.echo(task.id)
+    if task.pending:
+        _say(
+            f"task {task.id} waits for {approvers or 'an approver'}; then "
+            f"`broker status {task.id} --wait` and `broker request --task {task.id}`",
+            quiet=quiet,
+        )
+    else:
+        _say(
+            f"task {task.id} is {task.state}; get its credential with "
+            f"`broker request --task {task.id}` or `broker exec --task {task.id} -- CMD`",
+            quiet=quiet,
+        )
+
+
 def _end_quietly(client: BrokerClient, task_id: str) -> None:
+    from broker.client.errors import BrokerClientError
+
     try:
         client.complete(task_id)
     except BrokerClientError as exc:
@@ -483,6 +474,14 @@ def exec_(
     ttl: Ttl = None,
     wait: Wait = None,
     task_id: TaskOpt = None,
+    url: Url = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="At the end, print a JSON summary on stderr (stdout belongs to the command).",
+        ),
+    ] = False,
     quiet: Quiet = False,
     redact: Annotated[
         bool | None,
@@ -497,13 +496,16 @@ def exec_(
 ) -> None:
     """Run a command with a scope's credential in its environment; revoke it when the command ends.
 
-    broker exec SCOPE -p key=value --purpose TEXT -- CMD ARGS...
+    \b
+        broker exec SCOPE -p key=value --purpose TEXT -- CMD ARGS...
 
     Only CMD sees the credential (as VAULT_TOKEN, AWS_*, PG* ... variables). Its exit status
     becomes broker's; the task is completed afterwards, also on Ctrl-C or SIGTERM (relayed to
     CMD first), and the run is recorded on the broker as a span with the command and its status.
     When CMD's output is not a terminal, the credential's values in it are redacted.
     """
+    from broker.client.errors import CompletionFailed, InvalidRequest
+
     argv = list(args or [])
     if task_id:
         scope, command = None, argv
@@ -519,7 +521,7 @@ def exec_(
     if not task_id and not purpose:
         _fail(InvalidRequest("--purpose is required", next_step="say what the command does"))
     status = 0
-    with _errors(), _client() as client:
+    with _errors(), _client(url) as client:
         progress = Progress(quiet=quiet)
         if task_id:
             holder = client.resume(task_id, wait_timeout=wait, on_wait=progress)
@@ -544,13 +546,55 @@ def exec_(
             raise typer.Exit(ran) from None
         finally:
             progress.close()
-        _say(f"task {grant.task.id} completed; its credential is revoked", quiet=quiet)
+        pending = _revoke_pending(client, grant.task.id)
+        if pending:
+            _say(
+                f"task {grant.task.id} completed, but its credential is NOT revoked yet: "
+                + "; ".join(pending),
+                quiet=False,
+            )
+        else:
+            _say(f"task {grant.task.id} completed; its credential is revoked", quiet=quiet)
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "task": grant.task.id,
+                        "exit_code": status,
+                        "revoked": not pending,
+                        "revoke_pending": pending,
+                    }
+                ),
+                err=True,
+            )
     raise typer.Exit(status)
+
+
+def _revoke_pending(client: BrokerClient, task_id: str) -> list[str]:
+    """Sentences for the task's credentials the broker could not take back yet."""
+    from broker.client.errors import BrokerClientError
+
+    try:
+        task = client.get_task(task_id)
+    except BrokerClientError:
+        return []
+    return [_pending_sentence(c) for c in task.revoke_pending]
+
+
+def _pending_sentence(cred: dict[str, Any]) -> str:
+    text = f"{cred.get('id')} is revoke_pending (the broker keeps retrying)"
+    if cred.get("expires_at"):
+        text += f"; it expires on its own at {_when(cred.get('expires_at'))}"
+    return text
 
 
 def _run_with(
     client: BrokerClient, grant: Grant, command: list[str], *, quiet: bool, redact: bool | None
 ) -> int:
+    from broker.client.errors import BrokerClientError
+    from broker.client.process import child_env, new_span_id, recorded_command, run
+    from broker.git_credential import agent_for
+
     span_id = new_span_id()
     base = child_env(grant.credential, grant.task, span_id)
     if redact is None:
@@ -611,6 +655,7 @@ def _task_json(task: Task, approvers: str | None = None) -> dict[str, Any]:
             "approval_expires_at",
             "ends_at",
             "trace_id",
+            "credentials",
         )
     }
     if approvers:
@@ -619,7 +664,7 @@ def _task_json(task: Task, approvers: str | None = None) -> dict[str, Any]:
 
 
 def _show_task(task: Task, approvers: str | None) -> None:
-    rows = [
+    rows: list[tuple[str, Any]] = [
         ("task", task.id),
         ("scope", task.scope),
         ("state", task.state),
@@ -637,27 +682,33 @@ def _show_task(task: Task, approvers: str | None) -> None:
         rows.append(("credential expires", _when(task.ends_at)))
     if task.reason:
         rows.append(("reason", task.reason))
+    for cred in task.credentials:
+        state = cred.get("state")
+        if state == "failed":
+            state = f"failed ({cred.get('error_code') or 'backend_error'}): nothing was issued"
+        elif state == "revoke_pending":
+            state = "revoke_pending: NOT revoked yet; " + _pending_sentence(cred).split("; ", 1)[-1]
+        rows.append((f"credential {cred.get('id')}", state))
     if task.trace_id:
         rows.append(("trace", task.trace_id))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        typer.echo(f"{key.ljust(width)}  {value}")
+    facts(rows)
 
 
 def _table(tasks: list[Task]) -> None:
-    if not tasks:
-        typer.echo("no tasks", err=True)
-        return
-    typer.echo(f"{'TASK':<28} {'SCOPE':<24} {'STATE':<10} {'ENDS / EXPIRES':<26} PURPOSE")
+    rows = []
     for t in tasks:
         ends = t.ends_at if t.state == "active" else t.request_expires_at if t.pending else None
-        purpose = t.purpose if len(t.purpose) <= 40 else t.purpose[:39] + "…"
-        typer.echo(f"{t.id:<28} {t.scope:<24} {t.state:<10} {_when(ends):<26} {purpose}")
+        rows.append((t.id, t.scope, t.state, _when(ends), _short(t.purpose, 40)))
+    table(("TASK", "SCOPE", "STATE", "ENDS / EXPIRES", "PURPOSE"), rows, empty="no tasks")
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def status(
     task_id: Annotated[
-        str | None, typer.Argument(help="A task id; without one, your session.")
+        str | None, typer.Argument(help="A task id; without one, your session.", metavar="TASK")
     ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait until the task's approval is decided.")
@@ -668,11 +719,12 @@ def status(
     scopes: Annotated[
         bool, typer.Option("--scopes", help="List the scopes you may request.")
     ] = False,
+    url: Url = None,
     as_json: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
     """Your session and open tasks, one task's state, or the scopes you may request."""
-    with _errors(), _client() as client:
+    with _errors(), _client(url) as client:
         if scopes:
             _show_scopes(client.scopes(), as_json)
             return
@@ -680,20 +732,24 @@ def status(
             me = client.whoami()
             open_tasks = client.tasks(states=OPEN_STATES)
             if as_json:
-                typer.echo(
-                    json.dumps(
-                        {
-                            "subject": me.subject,
-                            "issuer": me.issuer,
-                            "session_id": me.session_id,
-                            "expires_at": me.expires_at,
-                            "tasks": [_task_json(t) for t in open_tasks],
-                        }
-                    )
+                emit_json(
+                    {
+                        "subject": me.subject,
+                        "issuer": me.issuer,
+                        "roles": me.roles,
+                        "session_id": me.session_id,
+                        "expires_at": me.expires_at,
+                        "tasks": [_task_json(t) for t in open_tasks],
+                    }
                 )
                 return
-            typer.echo(f"session   {me.session_id} as {me.subject} ({me.issuer})")
-            typer.echo(f"ends      {_when(me.expires_at)}")
+            facts(
+                [
+                    ("session", f"{me.session_id} as {me.subject} ({me.issuer})"),
+                    ("roles", ", ".join(me.roles) or "none"),
+                    ("ends", _when(me.expires_at)),
+                ]
+            )
             typer.echo("")
             _table(open_tasks)
             return
@@ -703,7 +759,7 @@ def status(
                 task = client.wait(task, timeout=timeout, on_wait=progress)
         approvers = client.approvers(task) if task.pending else None
         if as_json:
-            typer.echo(json.dumps(_task_json(task, approvers)))
+            emit_json(_task_json(task, approvers))
         else:
             _show_task(task, approvers)
         if wait and task.state == "denied":
@@ -711,11 +767,13 @@ def status(
 
 
 def _show_scopes(scopes: list[dict[str, Any]], as_json: bool) -> None:
+    from broker.client.models import describe_approval, scope_parameters
+
     if as_json:
-        typer.echo(json.dumps(scopes))
+        emit_json(scopes)
         return
     if not scopes:
-        typer.echo("no scopes you may request", err=True)
+        note("no scopes you may request")
     for scope in scopes:
         approval = scope.get("approval") or {}
         rule = describe_approval(approval) if isinstance(approval, dict) else None
@@ -729,67 +787,91 @@ def _show_scopes(scopes: list[dict[str, Any]], as_json: bool) -> None:
             typer.echo(f"  -p {name}=<{spec.get('type', 'string')}> ({need}{extra}){desc}")
 
 
+StateFilter = Annotated[
+    list[str] | None, typer.Option("--state", help="Only tasks in this state (repeatable).")
+]
+OpenOnly = Annotated[bool, typer.Option("--open", help="Only pending, approved and active tasks.")]
+
+
 @tasks_app.callback()
 def tasks_default(
     ctx: typer.Context,
-    state: Annotated[
-        list[str] | None, typer.Option("--state", help="Only tasks in this state (repeatable).")
-    ] = None,
-    open_only: Annotated[
-        bool, typer.Option("--open", help="Only pending, approved and active tasks.")
-    ] = False,
+    state: StateFilter = None,
+    open_only: OpenOnly = False,
+    url: Url = None,
     as_json: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """Your tasks, newest first."""
     if ctx.invoked_subcommand is not None:
         return
-    _list_tasks(state, open_only, as_json)
+    _list_tasks(state, open_only, url, as_json)
 
 
 @tasks_app.command("list")
 def tasks_list(
-    state: Annotated[
-        list[str] | None, typer.Option("--state", help="Only tasks in this state (repeatable).")
-    ] = None,
-    open_only: Annotated[
-        bool, typer.Option("--open", help="Only pending, approved and active tasks.")
-    ] = False,
+    state: StateFilter = None,
+    open_only: OpenOnly = False,
+    url: Url = None,
     as_json: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """Your tasks, newest first."""
-    _list_tasks(state, open_only, as_json)
+    _list_tasks(state, open_only, url, as_json)
 
 
-def _list_tasks(state: list[str] | None, open_only: bool, as_json: bool) -> None:
+def _list_tasks(state: list[str] | None, open_only: bool, url: str | None, as_json: bool) -> None:
     states = list(state or []) + (OPEN_STATES if open_only else [])
-    with _errors(), _client() as client:
+    with _errors(), _client(url) as client:
         tasks = client.tasks(states=states or None)
         if as_json:
-            typer.echo(json.dumps([_task_json(t) for t in tasks]))
+            emit_json([_task_json(t) for t in tasks])
         else:
             _table(tasks)
 
 
 @tasks_app.command("show")
-def tasks_show(task_id: Annotated[str, typer.Argument()], as_json: JsonOut = False) -> None:
-    """One task's state, approvers, expiry and trace id."""
-    status(task_id=task_id, wait=False, timeout=None, scopes=False, as_json=as_json, quiet=True)
+def tasks_show(
+    task_id: Annotated[str, typer.Argument(metavar="TASK")],
+    url: Url = None,
+    as_json: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """One task's state, approvers, credentials and trace id."""
+    status(
+        task_id=task_id,
+        wait=False,
+        timeout=None,
+        scopes=False,
+        url=url,
+        as_json=as_json,
+        quiet=True,
+    )
 
 
 def complete(
-    task_ids: Annotated[list[str], typer.Argument(help="One or more task ids.")],
+    task_ids: Annotated[list[str], typer.Argument(help="One or more task ids.", metavar="TASK...")],
+    url: Url = None,
     as_json: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
-    """End tasks now: their credentials are revoked (a pending task is cancelled)."""
+    """End tasks now: their credentials are revoked (a pending task is cancelled).
+
+    A task whose mints all failed ends failed; a credential the broker could not revoke yet is
+    named (it stays revoke_pending and the broker keeps retrying).
+    """
     results = []
-    with _errors(), _client() as client:
+    with _errors(), _client(url) as client:
         for task_id in task_ids:
             task = client.complete(task_id)
             results.append(_task_json(task))
-            if not as_json:
-                typer.echo(f"{task.id}  {task.state}", err=True)
+            pending = [_pending_sentence(c) for c in task.revoke_pending]
+            if pending:
+                note(f"{task.id}  {task.state}, NOT revoked yet: " + "; ".join(pending))
+            elif not as_json:
+                note(f"{task.id}  {task.state}", quiet=quiet)
     if as_json:
-        typer.echo(json.dumps(results))
+        emit_json(results)
 
 
 # --- git-credential --------------------------------------------------------------------------
@@ -819,6 +901,11 @@ def mcp(
             help="Also offer a tool that returns credentials into the conversation (off by default).",
         ),
     ] = False,
+    url: Url = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Accepted for uniformity: MCP speaks JSON-RPC already.")
+    ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Serve the broker's tools to an MCP client over stdio (request, status, run, complete)."""
     try:
@@ -829,8 +916,10 @@ def mcp(
         )
         typer.echo("next: pip install 'broker[mcp]'", err=True)
         raise typer.Exit(EXIT_USAGE) from None
+    from broker.client.config import SessionCache, default_cache_path
+
     with _errors():
-        serve(_config(), SessionCache(default_cache_path()), reveal_secrets=reveal_secrets)
+        serve(_config(url), SessionCache(default_cache_path()), reveal_secrets=reveal_secrets)
 
 
 # --- registration --------------------------------------------------------------------------
@@ -849,4 +938,4 @@ def register(app: typer.Typer) -> None:
     app.command("complete")(complete)
     app.command("mcp")(mcp)
     app.command("git-credential")(git_credential)
-    app.add_typer(tasks_app, name="tasks")
+    # `broker tasks` is built on demand (broker.cli.main.LAZY_GROUPS).

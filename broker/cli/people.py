@@ -1,100 +1,45 @@
-"""``broker approvals``: approvers decide pending tasks from a terminal.
+"""`broker approvals`: approvers decide pending tasks from a terminal.
 
-Talks to a running broker over HTTP (``--url`` / ``BROKER_URL``) with the approver's own session
-token (``--token`` / ``BROKER_SESSION_TOKEN``), or exchanges the approver's ID token first
-(``--id-token-file`` / ``BROKER_ID_TOKEN_FILE``). ``broker tasks list|show`` (the agent commands)
-show a requester's own tasks the same way.
+Approvers sign in like every other command (see `broker.cli.signin`): the cached session of an
+earlier `broker login`, a session token (`--token` / `BROKER_SESSION_TOKEN`), or an ID token that
+is exchanged for a session (`--id-token-file`, `BROKER_ID_TOKEN_COMMAND`, ...), at `--url` /
+`BROKER_URL`. `broker tasks list|show` (the agent commands) show a requester's own tasks.
 
-Exit status: 0 done, 1 the broker refused (its problem detail is printed), 2 usage errors.
+Exit status: 0 done, 4 refused (not an approver, the requester, ...), 5 already decided or
+expired, 2 usage errors, and the others of `broker.cli.signin`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 
-approvals_app = typer.Typer(no_args_is_help=True, help="Approvers: list, show, approve, deny.")
+from broker.cli import signin
+from broker.cli.output import Json, Quiet, emit_json, note, shorten, table, when
+from broker.cli.signin import IdTokenFile, SessionToken, Url
 
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
-ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105  # a token type name, not a secret
+if TYPE_CHECKING:
+    from broker.client.sync import BrokerClient
 
-Url = Annotated[str, typer.Option("--url", envvar="BROKER_URL", help="The broker's address.")]
-Token = Annotated[
-    str | None,
-    typer.Option(
-        "--token", envvar="BROKER_SESSION_TOKEN", help="Your session token.", show_default=False
-    ),
-]
-IdTokenFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--id-token-file",
-        envvar="BROKER_ID_TOKEN_FILE",
-        help="Exchange the ID token in this file for a session first.",
-    ),
-]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+approvals_app = typer.Typer(
+    no_args_is_help=True, help="Approvers: list, show, approve, deny.", rich_markup_mode=None
+)
+
+TaskId = Annotated[str, typer.Argument(help="The task id.", metavar="TASK")]
 Reason = Annotated[
     str, typer.Option("--reason", "-r", help="Why (recorded and shown to the requester).")
 ]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+def _client(url: str | None, token: str | None, id_token_file: Any) -> BrokerClient:
+    return signin.client(url, token, id_token_file)
 
 
-def _check(resp: httpx.Response) -> Any:
-    if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            detail = f"{body.get('detail')} ({body.get('code')})"
-        except ValueError:
-            detail = f"HTTP {resp.status_code}"
-        raise _fail(detail)
-    return resp.json()
-
-
-@contextmanager
-def _client(url: str, token: str | None, id_token_file: Path | None) -> Iterator[httpx.Client]:
-    """An HTTP client carrying the caller's session token."""
-    try:
-        with httpx.Client(base_url=url.rstrip("/"), timeout=30, follow_redirects=False) as client:
-            if not token and id_token_file is not None:
-                try:
-                    id_token = id_token_file.read_text().strip()
-                except OSError as exc:
-                    raise _fail(f"cannot read {id_token_file}: {exc.strerror}", 2) from None
-                answer = _check(
-                    client.post(
-                        "/oauth2/token",
-                        data={
-                            "grant_type": GRANT,
-                            "subject_token_type": ID_TOKEN,
-                            "subject_token": id_token,
-                        },
-                    )
-                )
-                token = answer["access_token"]
-            if not token:
-                raise _fail("no session: pass --token (BROKER_SESSION_TOKEN) or --id-token-file", 2)
-            client.headers["Authorization"] = f"Bearer {token}"
-            yield client
-    except httpx.HTTPError as exc:
-        raise _fail(f"the broker at {url} is not reachable ({type(exc).__name__})") from None
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+def _who(item: dict[str, Any]) -> str:
+    task = item["task"]
+    return str(item.get("requester_display_name") or task["requester"]["subject"])
 
 
 def _show(item: dict[str, Any]) -> None:
@@ -108,7 +53,7 @@ def _show(item: dict[str, Any]) -> None:
         f"purpose   {task['purpose']}",
         f"params    {params or '(none)'}",
         f"approvals {item['approvals_counted']} of {item['approvals_required']}"
-        f"  (request expires {_when(task['request_expires_at'])})",
+        f"  (request expires {when(task['request_expires_at'])})",
     ]
     lines.extend(_grant_lines(item.get("grant"), item.get("template_backend")))
     for a in item["approvals"]:
@@ -145,79 +90,107 @@ def _grant_lines(grant: dict[str, Any] | None, template: dict[str, Any] | None) 
 
 @approvals_app.command("list")
 def list_pending(
-    url: Url = "http://127.0.0.1:8080",
-    token: Token = None,
+    url: Url = None,
+    token: SessionToken = None,
     id_token_file: IdTokenFile = None,
     as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """The pending tasks you may decide, oldest first."""
-    with _client(url, token, id_token_file) as client:
-        items = _check(client.get("/v1/approvals"))
+    with signin.errors(), _client(url, token, id_token_file) as client:
+        items = client.request("GET", "/v1/approvals")
     if as_json:
-        typer.echo(json.dumps(items, indent=2))
+        emit_json(items)
         return
-    if not items:
-        typer.echo("nothing waits for you")
-        return
-    for item in items:
-        task = item["task"]
-        who = item.get("requester_display_name") or task["requester"]["subject"]
-        typer.echo(
-            f"{task['id']}  {task['scope']:20} {item.get('risk') or '?':8} "
-            f"{item['approvals_counted']}/{item['approvals_required']}  {who}: {task['purpose'][:60]}"
+    rows = [
+        (
+            item["task"]["id"],
+            item["task"]["scope"],
+            item.get("risk") or "?",
+            f"{item['approvals_counted']}/{item['approvals_required']}",
+            _who(item),
+            shorten(item["task"]["purpose"], 60),
         )
+        for item in items
+    ]
+    table(
+        ("TASK", "SCOPE", "RISK", "APPROVALS", "REQUESTER", "PURPOSE"),
+        rows,
+        empty="nothing waits for you",
+    )
 
 
 @approvals_app.command("show")
 def show(
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
-    url: Url = "http://127.0.0.1:8080",
-    token: Token = None,
+    task_id: TaskId,
+    url: Url = None,
+    token: SessionToken = None,
     id_token_file: IdTokenFile = None,
     as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Everything about one task awaiting approvers: what, who, why, who decided so far."""
-    with _client(url, token, id_token_file) as client:
-        item = _check(client.get(f"/v1/approvals/{task_id}"))
+    with signin.errors(), _client(url, token, id_token_file) as client:
+        item = client.request("GET", f"/v1/approvals/{_segment(task_id)}")
     if as_json:
-        typer.echo(json.dumps(item, indent=2))
+        emit_json(item)
     else:
         _show(item)
 
 
+def _segment(task_id: str) -> str:
+    if not task_id or any(c in task_id for c in "/?#") or task_id in (".", ".."):
+        from broker.cli.output import fail
+
+        fail(f"{task_id!r} is not a task id")
+    return task_id
+
+
 def _decide(
-    verb: str, task_id: str, reason: str, url: str, token: str | None, id_token_file: Path | None
-) -> dict[str, Any]:
-    with _client(url, token, id_token_file) as client:
-        result: dict[str, Any] = _check(
-            client.post(f"/v1/approvals/{task_id}/{verb}", json={"reason": reason})
+    verb: str,
+    task_id: str,
+    reason: str,
+    url: str | None,
+    token: str | None,
+    id_token_file: Any,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    with signin.errors(), _client(url, token, id_token_file) as client:
+        task: dict[str, Any] = client.request(
+            "POST", f"/v1/approvals/{_segment(task_id)}/{verb}", body={"reason": reason}
         )
-    return result
+    if as_json:
+        emit_json(task)
+        return
+    typer.echo(f"{task['id']}  {task['state']}")
+    if task["state"] == "pending":
+        note("your decision is recorded; the task waits for more approvers", quiet=quiet)
 
 
 @approvals_app.command("approve")
 def approve(
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: TaskId,
     reason: Reason,
-    url: Url = "http://127.0.0.1:8080",
-    token: Token = None,
+    url: Url = None,
+    token: SessionToken = None,
     id_token_file: IdTokenFile = None,
     as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Approve a task (it is approved once enough distinct approvers have)."""
-    task = _decide("approve", task_id, reason, url, token, id_token_file)
-    typer.echo(json.dumps(task, indent=2) if as_json else f"{task['id']}  {task['state']}")
+    _decide("approve", task_id, reason, url, token, id_token_file, as_json, quiet)
 
 
 @approvals_app.command("deny")
 def deny(
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: TaskId,
     reason: Reason,
-    url: Url = "http://127.0.0.1:8080",
-    token: Token = None,
+    url: Url = None,
+    token: SessionToken = None,
     id_token_file: IdTokenFile = None,
     as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Deny a task (one denial ends the request)."""
-    task = _decide("deny", task_id, reason, url, token, id_token_file)
-    typer.echo(json.dumps(task, indent=2) if as_json else f"{task['id']}  {task['state']}")
+    _decide("deny", task_id, reason, url, token, id_token_file, as_json, quiet)

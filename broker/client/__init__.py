@@ -18,39 +18,94 @@ Configuration comes from the environment: ``BROKER_URL`` (required), ``BROKER_AU
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from broker.client.aio import AsyncBrokerClient
-from broker.client.config import ClientConfig, SessionCache
-from broker.client.errors import (
-    ApprovalPending,
-    AuthenticationError,
-    BrokerClientError,
-    BrokerUnreachable,
-    CompletionFailed,
-    ConfigurationError,
-    Conflict,
-    Forbidden,
-    IdTokenUnavailable,
-    InvalidRequest,
-    NotFound,
-    RateLimited,
-    RequestDenied,
-    ServiceUnavailable,
-    TaskEnded,
-    TaskExpired,
-)
-from broker.client.models import Credential, Grant, Identity, Session, Task
-from broker.client.sync import BrokerClient, OnWait
-from broker.client.tokens import (
-    CommandIdToken,
-    FileIdToken,
-    GitHubActionsIdToken,
-    IdTokenSource,
-    KubernetesIdToken,
-    StaticIdToken,
-)
+if TYPE_CHECKING:
+    from broker.client.aio import (
+        AsyncBrokerClient,
+    )
+    from broker.client.config import (
+        ClientConfig,
+        SessionCache,
+    )
+    from broker.client.errors import (
+        ApprovalPending,
+        AuthenticationError,
+        BrokerClientError,
+        BrokerUnreachable,
+        CompletionFailed,
+        ConfigurationError,
+        Conflict,
+        Forbidden,
+        IdTokenUnavailable,
+        InvalidRequest,
+        NotFound,
+        RateLimited,
+        RequestDenied,
+        ScopeMisconfigured,
+        ServiceUnavailable,
+        TaskEnded,
+        TaskExpired,
+    )
+    from broker.client.models import (
+        Credential,
+        Grant,
+        Identity,
+        Session,
+        Task,
+    )
+    from broker.client.sync import (
+        BrokerClient,
+        OnWait,
+    )
+    from broker.client.tokens import (
+        CommandIdToken,
+        FileIdToken,
+        GitHubActionsIdToken,
+        IdTokenSource,
+        KubernetesIdToken,
+        StaticIdToken,
+    )
+
+#: Public names and the module that defines each. They are imported on first use (PEP 562), so
+#: ``import broker.client.sync`` (the CLI) does not pay for the async client and its imports.
+_LAZY = {
+    "ApprovalPending": "errors",
+    "AsyncBrokerClient": "aio",
+    "AuthenticationError": "errors",
+    "BrokerClient": "sync",
+    "BrokerClientError": "errors",
+    "BrokerUnreachable": "errors",
+    "ClientConfig": "config",
+    "CommandIdToken": "tokens",
+    "CompletionFailed": "errors",
+    "ConfigurationError": "errors",
+    "Conflict": "errors",
+    "Credential": "models",
+    "FileIdToken": "tokens",
+    "Forbidden": "errors",
+    "GitHubActionsIdToken": "tokens",
+    "Grant": "models",
+    "IdTokenSource": "tokens",
+    "IdTokenUnavailable": "errors",
+    "Identity": "models",
+    "InvalidRequest": "errors",
+    "KubernetesIdToken": "tokens",
+    "NotFound": "errors",
+    "OnWait": "sync",
+    "RateLimited": "errors",
+    "RequestDenied": "errors",
+    "ScopeMisconfigured": "errors",
+    "ServiceUnavailable": "errors",
+    "Session": "models",
+    "SessionCache": "config",
+    "StaticIdToken": "tokens",
+    "Task": "models",
+    "TaskEnded": "errors",
+    "TaskExpired": "errors",
+}
 
 __all__ = [
     "ApprovalPending",
@@ -77,6 +132,7 @@ __all__ = [
     "NotFound",
     "RateLimited",
     "RequestDenied",
+    "ScopeMisconfigured",
     "ServiceUnavailable",
     "Session",
     "SessionCache",
@@ -87,6 +143,15 @@ __all__ = [
     "acredentials",
     "credentials",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'broker.client' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"broker.client.{module}"), name)
+    globals()[name] = value
+    return value
 
 
 @contextlib.contextmanager
@@ -100,6 +165,8 @@ def credentials(
     on_wait: OnWait | None = None,
 ) -> Iterator[Grant]:
     """Credentials for ``scope`` for the length of a ``with`` block (client from the environment)."""
+    from broker.client.sync import BrokerClient
+
     with (
         BrokerClient.from_env() as client,
         client.task(
@@ -124,6 +191,8 @@ async def acredentials(
     wait_timeout: float | None = None,
 ) -> AsyncIterator[Grant]:
     """The ``async with`` form of :func:`credentials`."""
+    from broker.client.aio import AsyncBrokerClient
+
     async with (
         AsyncBrokerClient() as client,
         client.task(

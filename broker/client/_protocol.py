@@ -23,6 +23,7 @@ from broker.client.errors import (
     NotFound,
     RateLimited,
     RequestDenied,
+    ScopeMisconfigured,
     ServiceUnavailable,
     TaskEnded,
     TaskExpired,
@@ -120,7 +121,7 @@ def _refused_id_token(resp: httpx.Response, status: int, code: str) -> bool:
     return status == 400 and path.endswith("/oauth2/token") and code not in _FORM_ERRORS
 
 
-def error_for(  # noqa: PLR0911  # one answer per status family reads best as a flat table
+def error_for(  # noqa: PLR0911, PLR0912  # one answer per status family reads best as a flat table
     resp: httpx.Response, *, audience: str = "broker"
 ) -> BrokerClientError:
     """The typed error for a non-2xx answer, with the broker's public detail and a next step."""
@@ -171,11 +172,22 @@ def error_for(  # noqa: PLR0911  # one answer per status family reads best as a 
         state = problem.get("state")
         if code in EXPIRED_CODES or state == "expired":
             return TaskExpired(detail, next_step="request a new task", **kw)
-        if state in ("cancelled", "revoked", "completed", "denied"):
+        if state in ("cancelled", "revoked", "completed", "denied", "failed"):
             return TaskEnded(detail, next_step="request a new task", **kw)
         if code == "template_changed":
             return Conflict(detail, next_step="request the task again (the scope changed)", **kw)
         return Conflict(detail, next_step=_conflict_hint(code), **kw)
+    if code == "scope_misconfigured":
+        owner = problem.get("owner")
+        return ScopeMisconfigured(
+            detail,
+            next_step=(
+                f"tell the scope's owner{f' ({owner})' if owner else ''}: the cause is in the "
+                "broker's log, `/readyz` and `broker scopes check --live`; retrying will not help "
+                "until they fix it"
+            ),
+            **kw,
+        )
     if status == 429:
         wait = retry_after(resp, problem)
         return RateLimited(detail, retry_after=60.0 if wait is None else wait, **kw)

@@ -17,7 +17,7 @@ import anyio
 import httpx
 
 from broker.client import _protocol as proto
-from broker.client.config import ClientConfig, SessionCache, cache_key
+from broker.client.config import ClientConfig, SessionCache, session_cache_key
 from broker.client.errors import (
     ApprovalPending,
     AuthenticationError,
@@ -114,7 +114,7 @@ class AsyncBrokerClient:
             self._session = session
             key = await self._cache_key(id_token)
             if self._cache is not None and key is not None:
-                self._cache.save(key, session)
+                self._cache.save(key, session, unverified_identity(id_token))
             return session
 
     async def _id_token(self) -> str:
@@ -130,15 +130,17 @@ class AsyncBrokerClient:
         return self._pending_token
 
     async def _cache_key(self, id_token: str | None = None) -> str | None:
+        """As :meth:`BrokerClient._cache_key`."""
         if self._cache is None:
             return None
-        if id_token is None:
-            try:
-                id_token = await self._id_token()
-            except IdTokenUnavailable:
-                return None
-        identity = unverified_identity(id_token)
-        return cache_key(self.config.broker_url, identity) if identity else None
+        try:
+            source = self.id_token_source()
+            key = session_cache_key(self.config.broker_url, source, id_token)
+            if key is None and id_token is None:
+                key = session_cache_key(self.config.broker_url, source, await self._id_token())
+        except IdTokenUnavailable:
+            return None
+        return key
 
     async def _held_session(self) -> Session | None:
         now = time.time()
@@ -272,7 +274,8 @@ class AsyncBrokerClient:
         return Task.from_json(resp.json())
 
     async def tasks(self, *, states: list[str] | None = None) -> list[Task]:
-        body = (await self._call("GET", "/v1/tasks", idempotent=True)).json()
+        params = {"state": list(states)} if states else None
+        body = (await self._call("GET", "/v1/tasks", idempotent=True, params=params)).json()
         tasks = [Task.from_json(t) for t in body] if isinstance(body, list) else []
         return [t for t in tasks if not states or t.state in states]
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from broker.client.errors import ConfigurationError
 from broker.client.models import Session
+from broker.client.tokens import IdTokenSource, cache_hint, unverified_identity
 
 _TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -105,15 +106,33 @@ def default_cache_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "broker" / "sessions.json"
 
 
-def cache_key(broker_url: str, identity: tuple[str, str]) -> str:
-    """The cache entry of one identity at one broker: agents sharing a home never share a session."""
+def cache_key(broker_url: str, identity: tuple[str, ...]) -> str:
+    """The cache entry of one identity (or one token source) at one broker: agents sharing a
+    home never share a session. Only a hash of ``identity`` is kept in the key."""
     digest = hashlib.sha256("\n".join((broker_url, *identity)).encode()).hexdigest()[:32]
     return f"{broker_url}#{digest}"
 
 
+def session_cache_key(broker_url: str, source: IdTokenSource, id_token: str | None) -> str | None:
+    """The cache key of ``source``'s session at ``broker_url``.
+
+    From the source's own hint when it has one (a command, GitHub Actions: no token needed, so a
+    cached session is found without running anything); otherwise from the issuer and subject in
+    ``id_token`` (None when no token is given: the caller fetches one and asks again).
+    """
+    hint = cache_hint(source)
+    if hint is not None:
+        return cache_key(broker_url, ("source", *hint))
+    if id_token is None:
+        return None
+    identity = unverified_identity(id_token)
+    return cache_key(broker_url, identity) if identity else None
+
+
 class SessionCache:
     """Short-lived session tokens on disk for the CLI (``broker login``), one per broker and
-    identity (:func:`cache_key`: the ID token's issuer and subject).
+    identity (:func:`session_cache_key`: the token source for a command or GitHub Actions, else
+    the ID token's issuer and subject).
 
     The file is created ``0600`` inside a ``0700`` folder; expired entries are dropped on write.
     The SDK keeps its session in memory and uses no cache unless given one.
@@ -139,7 +158,9 @@ class SessionCache:
         session = Session(token=token, expires_at=float(expires))
         return session if session.usable(now if now is not None else time.time()) else None
 
-    def save(self, key: str, session: Session) -> None:
+    def save(self, key: str, session: Session, identity: tuple[str, str] | None = None) -> None:
+        """Keep ``session`` under ``key``; ``identity`` (issuer, subject) is remembered beside it
+        so a session found by its token source still says whose it is."""
         now = time.time()
         data = {
             name: entry
@@ -148,8 +169,19 @@ class SessionCache:
             and isinstance(entry.get("expires_at"), (int, float))
             and float(entry["expires_at"]) > now  # type: ignore[arg-type]
         }
-        data[key] = {"token": session.token, "expires_at": session.expires_at}
+        entry: dict[str, object] = {"token": session.token, "expires_at": session.expires_at}
+        if identity is not None:
+            entry["identity"] = list(identity)
+        data[key] = entry
         self._write(data)
+
+    def identity(self, key: str) -> tuple[str, str] | None:
+        """The (issuer, subject) remembered with a cached session, if any."""
+        entry = self._read().get(key)
+        value = entry.get("identity") if isinstance(entry, dict) else None
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            return (value[0], value[1])
+        return None
 
     def forget(self, key: str) -> None:
         data = self._read()

@@ -15,6 +15,7 @@
     ├── ApprovalPending                    still waiting for an approver (``approvers`` says who)
     ├── RateLimited                429     ``retry_after`` seconds
     ├── ServiceUnavailable         5xx     the broker or a backend is down; retry later
+    ├── ScopeMisconfigured         500     the scope's backend setup is incomplete; retrying cannot help
     └── CompletionFailed                   the task could not be completed; it expires on its own
 
 No secret (ID token, session token, credential) is ever part of an error.
@@ -179,6 +180,16 @@ class ServiceUnavailable(BrokerClientError):
             else "retry in a minute; if it persists, tell the broker's operators",
         )
         super().__init__(detail, **kw)
+
+
+class ScopeMisconfigured(BrokerClientError):
+    """The scope names something its backend lacks (a policy, a role, a trust relationship).
+
+    Not the request's fault and not transient: only the scope's owner can fix it. The broker
+    logs the cause and shows it to admins (``/readyz``, ``broker scopes check --live``).
+    """
+
+    code = "scope_misconfigured"
 
 
 class CompletionFailed(BrokerClientError):

@@ -10,7 +10,7 @@ from typing import Any
 from broker.client.errors import InvalidRequest
 
 #: Task states in which nothing more will happen.
-TERMINAL_STATES = frozenset({"denied", "completed", "revoked", "expired", "cancelled"})
+TERMINAL_STATES = frozenset({"denied", "completed", "revoked", "expired", "cancelled", "failed"})
 
 #: Environment keys whose values are addresses or names, not secrets (kept out of redaction).
 NON_SECRET_ENV = frozenset(
@@ -82,6 +82,17 @@ class Task:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def credentials(self) -> list[dict[str, Any]]:
+        """The task's credentials and their states, when the broker sent them (never secrets)."""
+        value = self.raw.get("credentials")
+        return [c for c in value if isinstance(c, dict)] if isinstance(value, list) else []
+
+    @property
+    def revoke_pending(self) -> list[dict[str, Any]]:
+        """Credentials the broker could not take back yet (it keeps retrying)."""
+        return [c for c in self.credentials if c.get("state") == "revoke_pending"]
 
     def approvers(self) -> str | None:
         """Who may approve, when the broker says so on the task itself."""

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from broker.client import _protocol as proto
-from broker.client.config import ClientConfig, SessionCache, cache_key
+from broker.client.config import ClientConfig, SessionCache, session_cache_key
 from broker.client.errors import (
     ApprovalPending,
     AuthenticationError,
@@ -125,30 +125,40 @@ class BrokerClient:
         self._session = session
         key = self._cache_key(id_token)
         if self._cache is not None and key is not None:
-            self._cache.save(key, session)
+            self._cache.save(key, session, unverified_identity(id_token))
         return session
 
     def _id_token(self) -> str:
         """The current ID token (fetched once per login; kept only until it is exchanged)."""
         if self._pending_token is None or time.monotonic() - self._pending_at > PENDING_TOKEN_AGE:
+            source = self.id_token_source()
+            if not getattr(source, "uses_http", True):
+                # A file, a variable or a command: no HTTP client needed (building one costs a
+                # TLS context, noticeable on every CLI command).
+                self._pending_token = source.fetch(self._http)
+                self._pending_at = time.monotonic()
+                return self._pending_token
             if self._token_http is None:
                 # A separate client: the broker's trace and conversation headers stay off the
                 # token endpoint (GitHub's, for example).
                 self._token_http = httpx.Client(timeout=self.config.timeout, follow_redirects=False)
-            self._pending_token = self.id_token_source().fetch(self._token_http)
+            self._pending_token = source.fetch(self._token_http)
             self._pending_at = time.monotonic()
         return self._pending_token
 
     def _cache_key(self, id_token: str | None = None) -> str | None:
+        """Where this client's session lives in the cache; fetches an ID token only for sources
+        whose sessions are named by the token's identity (a variable or a file: cheap)."""
         if self._cache is None:
             return None
-        if id_token is None:
-            try:
-                id_token = self._id_token()
-            except IdTokenUnavailable:
-                return None
-        identity = unverified_identity(id_token)
-        return cache_key(self.config.broker_url, identity) if identity else None
+        try:
+            source = self.id_token_source()
+            key = session_cache_key(self.config.broker_url, source, id_token)
+            if key is None and id_token is None:
+                key = session_cache_key(self.config.broker_url, source, self._id_token())
+        except IdTokenUnavailable:
+            return None
+        return key
 
     def _held_session(self) -> Session | None:
         now = time.time()
@@ -252,6 +262,25 @@ class BrokerClient:
             raise proto.error_for(resp, audience=self.config.audience)
         return resp
 
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+    ) -> Any:
+        """Any authenticated call on this client's session (the approver, auditor and admin
+        commands use it): the decoded JSON answer. A refusal raises the typed error carrying the
+        broker's problem detail and ``code``; reads are retried like every safe request."""
+        extra: dict[str, Any] = {}
+        if params:
+            extra["params"] = {k: v for k, v in params.items() if v is not None}
+        if body is not None:
+            extra["json"] = body
+        resp = self._call(method, path, idempotent=method in ("GET", "HEAD"), **extra)
+        return resp.json() if resp.content else None
+
     # --- tasks --------------------------------------------------------------------------------
 
     def scopes(self, *, refresh: bool = False) -> list[dict[str, Any]]:
@@ -291,7 +320,8 @@ class BrokerClient:
 
     def tasks(self, *, states: list[str] | None = None) -> list[Task]:
         """The caller's tasks, newest first; optionally only in ``states``."""
-        body = self._call("GET", "/v1/tasks", idempotent=True).json()
+        params = {"state": list(states)} if states else None
+        body = self._call("GET", "/v1/tasks", idempotent=True, params=params).json()
         tasks = [Task.from_json(t) for t in body] if isinstance(body, list) else []
         return [t for t in tasks if not states or t.state in states]
 

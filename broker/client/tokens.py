@@ -17,6 +17,7 @@ used: sending it to the broker would hand the broker a token it could replay aga
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shlex
@@ -38,9 +39,27 @@ MAX_TOKEN_BYTES = 16 * 1024
 COMMAND_TIMEOUT = 30.0
 
 
+#: Variables naming one CI run or job: a command's cached session is never shared across runs
+#: (sibling jobs on one runner may share a home folder, and so the session cache).
+RUN_CONTEXT_VARIABLES = (
+    "GITHUB_RUN_ID",
+    "GITHUB_RUN_ATTEMPT",
+    "GITHUB_JOB",
+    "CI_JOB_ID",
+    "CI_PIPELINE_ID",
+    "BUILDKITE_JOB_ID",
+    "CIRCLE_WORKFLOW_JOB_ID",
+)
+
+
 @runtime_checkable
 class IdTokenSource(Protocol):
-    """Something that yields a fresh ID token on each call."""
+    """Something that yields a fresh ID token on each call.
+
+    A source may also have ``cache_hint() -> tuple[str, ...] | None``: what names its sessions in
+    the CLI's session cache without fetching a token (see :func:`cache_hint`), and
+    ``uses_http = False`` when ``fetch`` never uses the client it is given.
+    """
 
     @property
     def description(self) -> str:
@@ -73,6 +92,8 @@ class StaticIdToken:
 
     token: str = field(repr=False)
     description: str = "the BROKER_ID_TOKEN variable"
+    #: Fetching needs no HTTP client (the client passes whichever it has).
+    uses_http = False
 
     def fetch(self, http: httpx.Client) -> str:
         return _clean(self.token, self.description)
@@ -84,6 +105,7 @@ class FileIdToken:
 
     path: Path
     description: str = ""
+    uses_http = False
 
     def __post_init__(self) -> None:
         if not self.description:
@@ -122,6 +144,14 @@ class CommandIdToken:
     argv: tuple[str, ...]
     timeout: float = COMMAND_TIMEOUT
     description: str = ""
+    #: ``NAME=value`` of the run-identifying variables set when the source was found.
+    context: tuple[str, ...] = ()
+    uses_http = False
+
+    def cache_hint(self) -> tuple[str, ...]:
+        """Running the command costs a second or more: its sessions are found by the command
+        itself (and the CI run it runs in), not by the token it would print."""
+        return ("command", *self.argv, *self.context)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -167,6 +197,11 @@ class GitHubActionsIdToken:
     audience: str = "broker"
     description: str = "GitHub Actions' OIDC token endpoint"
 
+    def cache_hint(self) -> tuple[str, ...]:
+        """The request URL and token are unique to one job: they name its sessions (hashed)."""
+        digest = hashlib.sha256(f"{self.request_url}\n{self.request_token}".encode()).hexdigest()
+        return ("github-actions", digest, self.audience)
+
     def fetch(self, http: httpx.Client) -> str:
         parts = urlsplit(self.request_url)
         if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -203,6 +238,20 @@ class GitHubActionsIdToken:
         return _clean(value, self.description)
 
 
+def cache_hint(source: IdTokenSource) -> tuple[str, ...] | None:
+    """What names ``source``'s sessions in the session cache, known without fetching a token.
+
+    Sources that are costly to ask (a command, GitHub's token endpoint) name their sessions by
+    their own configuration, so a cached session is found and used without running anything;
+    cheap sources (a variable, a file) return None and are named by the identity in their token.
+    """
+    hint = getattr(source, "cache_hint", None)
+    if not callable(hint):
+        return None
+    value = hint()
+    return tuple(str(v) for v in value) if isinstance(value, tuple) else None
+
+
 def unverified_identity(token: str) -> tuple[str, str] | None:
     """``(iss, sub)`` read from a JWT's payload *without verifying it*.
 
@@ -236,7 +285,8 @@ def discover(
             argv = tuple(shlex.split(env["BROKER_ID_TOKEN_COMMAND"]))
         except ValueError as exc:
             raise IdTokenUnavailable(f"BROKER_ID_TOKEN_COMMAND cannot be parsed: {exc}") from None
-        return CommandIdToken(argv)
+        context = tuple(f"{k}={env[k]}" for k in RUN_CONTEXT_VARIABLES if env.get(k))
+        return CommandIdToken(argv, context=context)
     if env.get("ACTIONS_ID_TOKEN_REQUEST_URL") and env.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN"):
         return GitHubActionsIdToken(
             env["ACTIONS_ID_TOKEN_REQUEST_URL"], env["ACTIONS_ID_TOKEN_REQUEST_TOKEN"], audience

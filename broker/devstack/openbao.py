@@ -11,7 +11,8 @@ is replaced by a fresh login):
 
 It may also read ACL policies (to refuse any that grants ``sudo``), list and look up token
 accessors (the orphan scan), revoke by accessor and lease id, renew leases (to shorten them to a
-task's TTL) and read database roles and connections (where agents connect). It never holds the
+task's TTL), read database roles and connections (where agents connect) and read its token roles
+(`broker scopes check --live` tells whether they allow a scope's policies). It never holds the
 root token. :func:`provision_database` adds the database secrets engine on a PostgreSQL database.
 """
 
@@ -46,6 +47,7 @@ path "auth/token/create/broker-child" { capabilities = ["update"] }
 path "auth/token/create/broker-lease" { capabilities = ["update"] }
 path "auth/token/revoke-accessor" { capabilities = ["update"] }
 path "auth/token/lookup-accessor" { capabilities = ["update"] }
+path "auth/token/roles/*" { capabilities = ["read"] }
 path "auth/token/accessors" { capabilities = ["list", "sudo"] }
 path "auth/token/lookup-self" { capabilities = ["read"] }
 path "auth/token/renew-self" { capabilities = ["update"] }

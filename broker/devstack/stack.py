@@ -12,6 +12,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,10 +219,61 @@ class DevStack:
             self.env_file.unlink()
 
 
-def run_forever(stack: DevStack, poll: float = 0.5) -> str | None:
-    """Block until a child dies (returns its name) or the caller is interrupted."""
+class ScopeWatch:
+    """Reports a scope template that fails to load, in the `broker dev` terminal, as soon as it is
+    saved, and when it loads again. The broker's catalog loads the folder with the same loader,
+    so what is refused here is exactly what the broker refuses to serve."""
+
+    def __init__(self, folder: Path, report: Callable[[str], None]) -> None:
+        self.folder = folder
+        self.report = report
+        self._fingerprint: tuple[tuple[str, int, int], ...] | None = None
+        self._refused: dict[str, list[str]] = {}
+
+    def _scan(self) -> tuple[tuple[str, int, int], ...]:
+        from broker.scopes.loader import template_files
+
+        out = []
+        for path in template_files(self.folder):
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # removed while we looked
+            out.append((path.name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def poll(self) -> None:
+        fingerprint = self._scan()
+        if fingerprint == self._fingerprint:
+            return
+        self._fingerprint = fingerprint
+        from broker.scopes.loader import load_folder
+
+        _, problems = load_folder(self.folder)
+        refused: dict[str, list[str]] = {}
+        for problem in problems:
+            if problem.severity == "error":
+                refused.setdefault(Path(problem.file).name, []).append(str(problem))
+        for name, lines in sorted(refused.items()):
+            if self._refused.get(name) != lines:
+                self.report(f"scopes: {name} was refused; the broker does not serve it:")
+                for line in lines:
+                    self.report(f"  {line}")
+        for name in sorted(set(self._refused) - set(refused)):
+            self.report(f"scopes: {name} loads again")
+        self._refused = refused
+
+
+def run_forever(
+    stack: DevStack, poll: float = 0.5, *, report: Callable[[str], None] | None = None
+) -> str | None:
+    """Block until a child dies (returns its name) or the caller is interrupted; with
+    ``report``, say in the terminal when a scope template fails to load (see :class:`ScopeWatch`)."""
+    scopes = ScopeWatch(stack.scopes_dir, report) if report is not None else None
     while True:
         dead = stack.watch()
         if dead:
             return dead
+        if scopes is not None:
+            scopes.poll()
         time.sleep(poll)

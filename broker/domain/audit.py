@@ -38,6 +38,9 @@ class EventName(StrEnum):
     TASK_REQUEST = "broker.task.request"
     TASK_DECISION = "broker.task.decision"
     TASK_APPROVAL = "broker.task.approval"
+    #: An attempt to approve or deny that was refused (not an approver, already decided, the
+    #: requester, expired): never a decision, so it never carries the name of one.
+    APPROVAL_REFUSED = "broker.approval.refused"
     TASK_COMPLETE = "broker.task.complete"
     TASK_EXPIRE = "broker.task.expire"
     CREDENTIAL_ISSUE = "broker.credential.issue"

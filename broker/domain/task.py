@@ -4,7 +4,15 @@
        │                    │                 │
        ├──deny──▶ denied    ├──expire──▶ expired        ├──revoke──▶ revoked
        ├──expire──▶ expired ├──void───▶ revoked         └──expire──▶ expired
-       └──cancel──▶ cancelled └──cancel──▶ cancelled
+       └──cancel──▶ cancelled ├──cancel──▶ cancelled
+                            └──fail───▶ failed
+
+``failed``: the task was approved but no credential was ever issued because minting failed (the
+backend refused, or the scope is misconfigured at its backend). A failed mint does not spend the
+approval: the agent may retry while the approval lasts, up to :data:`MAX_MINT_FAILURES` attempts;
+the task ends ``failed`` at the last failed attempt, or when it is ended (completed, cancelled,
+expired) after a failed attempt and before any credential was issued. It never says
+``completed``, which would claim the work had its credential.
 
 A task's parameters, purpose and TTL are frozen at request time: the *binding hash* covers them,
 the requester and the template version, and every decision (an automatic one, each approver's)
@@ -25,7 +33,7 @@ from broker.errors import Conflict, ValidationFailed
 
 if TYPE_CHECKING:
     from broker.domain.principal import Principal
-    from broker.domain.records import Approval, Task
+    from broker.domain.records import Approval, Credential, Task
     from broker.domain.scope import ScopeTemplate
 
 
@@ -38,6 +46,8 @@ class TaskState(StrEnum):
     REVOKED = "revoked"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    #: Approved, but minting failed and no credential was issued (see the module docstring).
+    FAILED = "failed"
 
     @property
     def terminal(self) -> bool:
@@ -56,8 +66,12 @@ TERMINAL_STATES = frozenset(
         TaskState.REVOKED,
         TaskState.EXPIRED,
         TaskState.CANCELLED,
+        TaskState.FAILED,
     }
 )
+
+#: Failed mints a task may have; the last one ends it ``failed``.
+MAX_MINT_FAILURES = 3
 
 _ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset(
@@ -70,6 +84,7 @@ _ALLOWED: dict[TaskState, frozenset[TaskState]] = {
             TaskState.CANCELLED,
             TaskState.REVOKED,
             TaskState.COMPLETED,
+            TaskState.FAILED,
         }
     ),
     TaskState.ACTIVE: frozenset({TaskState.COMPLETED, TaskState.REVOKED, TaskState.EXPIRED}),
@@ -99,6 +114,49 @@ class CredentialState(StrEnum):
     REVOKED = "revoked"
     EXPIRED = "expired"
     FAILED = "failed"  # the backend refused; nothing exists
+
+
+# --- failed mints --------------------------------------------------------------------------
+
+
+def failed_mints(credentials: Iterable[Credential]) -> list[Credential]:
+    """A task's mint attempts that issued nothing (the backend refused, or the answer was lost
+    and what it may have made is being taken back), oldest first."""
+    return sorted(
+        (c for c in credentials if c.issued_at is None and c.state is not CredentialState.MINTING),
+        key=lambda c: c.created_at,
+    )
+
+
+def mint_error(credential: Credential) -> str:
+    """The stable error code a failed mint ended with (recorded in its details)."""
+    return str(credential.details.get("error_code") or "backend_error")
+
+
+def ending_state(task: Task, wanted: TaskState, credentials: Iterable[Credential]) -> TaskState:
+    """The state a task really ends in when it is asked to become ``wanted``.
+
+    An approved task that never got a credential because minting failed ends ``failed``, not
+    ``completed``, ``cancelled`` or ``expired``: those would say the work had what it asked for,
+    or that nobody tried.
+    """
+    if (
+        task.state is TaskState.APPROVED
+        and task.mints == 0
+        and wanted in (TaskState.COMPLETED, TaskState.CANCELLED, TaskState.EXPIRED)
+        and failed_mints(credentials)
+    ):
+        return TaskState.FAILED
+    return wanted
+
+
+def failure_reason(credentials: Iterable[Credential]) -> str:
+    """Why a failed task got no credential, for the task record and the agent."""
+    failed = failed_mints(credentials)
+    if not failed:
+        return "no credential was issued"
+    attempts = f"{len(failed)} attempt{'s' if len(failed) != 1 else ''}"
+    return f"no credential was issued: minting failed ({attempts}, last: {mint_error(failed[-1])})"
 
 
 # --- deciding ------------------------------------------------------------------------------

@@ -145,6 +145,13 @@ def _summary(task: Task, held: Held | None, approvers: str | None = None) -> dic
     elif task.state == "denied":
         out["reason"] = task.reason
         out["next_step"] = "do not retry the same request; read the reason"
+    elif task.state == "failed":
+        out["reason"] = task.reason
+        out["next_step"] = "no credential was issued; tell the scope's owner, or request anew"
+    pending = [c.get("id") for c in task.revoke_pending]
+    if pending:
+        out["revoke_pending"] = pending
+        out["warning"] = "not revoked yet: the broker keeps retrying until it is revoked or expires"
     if held is not None:
         out["runs"] = held.runs
     return out
@@ -252,7 +259,14 @@ class BrokerTools:
         held = self.holder.track(task)
         held.credential = None
         held.completed = True
-        return {"task_id": task.id, "state": task.state, "runs": held.runs}
+        out: dict[str, Any] = {"task_id": task.id, "state": task.state, "runs": held.runs}
+        pending = [c.get("id") for c in task.revoke_pending]
+        if pending:
+            out["revoke_pending"] = pending
+            out["warning"] = (
+                "not revoked yet: the broker keeps retrying until it is revoked or expires"
+            )
+        return out
 
     async def reveal_credentials(self, task_id: str) -> dict[str, Any]:
         _, credential = await self._credential(task_id)

@@ -14,13 +14,14 @@ The rules, each with a stable ``rule`` id (documented in ``docs/scopes.md``):
   no declared maximum, fixed settings outside it, or a maximum that bounds nothing;
 - ``policy-shape`` / ``policy-size``: a session policy STS would reject or that would widen;
 - ``forbidden-policy``, ``reserved-claim``, ``default-invalid``, ``param-unused``,
-  ``param-unconstrained``, ``requester-open``;
+  ``param-unconstrained`` (no pattern, or one that matches almost anything), ``requester-open``;
 - ``github-permission``: a GitHub permission name or level GitHub's published schema does not
   have; ``github-all-repositories``: a token covering every repository of the installation.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -426,6 +427,20 @@ def _check_github(t: ScopeTemplate, spec: GitHubAppBackend, used: set[str]) -> l
     return out
 
 
+#: Values a pattern written for one purpose would not admit all of: a pattern that fully matches
+#: every one of them constrains nothing (``.*``, ``.+``, ``[\\s\\S]*``, ``.{1,64}``, ...).
+_PROBES = ("a", "Z9", "-", "_", ".", "/", "@", ":", "=", " ", "x y", "a/b", "root", "é", "A" * 64)
+
+
+def matches_anything(pattern: str) -> bool:
+    """Whether ``pattern`` (matched whole, as parameters are) admits every probe value."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error:
+        return False
+    return all(compiled.fullmatch(probe) for probe in _PROBES)
+
+
 def check_template(  # noqa: PLR0912  # one branch per documented rule
     template: ScopeTemplate, *, forbidden: ForbiddenPolicies = ROOT_ONLY
 ) -> list[Finding]:
@@ -481,7 +496,24 @@ def check_template(  # noqa: PLR0912  # one branch per documented rule
                 Finding(
                     ("parameters", name),
                     "param-unconstrained",
-                    "a string that reaches a backend should have a pattern or an enum",
+                    "this string reaches a backend but has no pattern or enum: the agent chooses "
+                    "what the backend gets; add a pattern that admits only what it needs",
+                    "warning",
+                )
+            )
+        elif (
+            param.type is ParamType.STRING
+            and param.pattern is not None
+            and param.enum is None
+            and matches_anything(param.pattern)
+        ):
+            out.append(
+                Finding(
+                    ("parameters", name, "pattern"),
+                    "param-unconstrained",
+                    f"the pattern {param.pattern!r} matches almost anything ('root', 'a/b', "
+                    "'x y' alike), which is no better than no pattern: the agent chooses what "
+                    "the backend gets; write one that admits only what it needs",
                     "warning",
                 )
             )

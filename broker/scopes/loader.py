@@ -12,16 +12,19 @@ not. Tasks record it; a decision made under one hash is void under another.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import threading
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from broker.domain.audit import canonical_json
 from broker.domain.scope import ScopeTemplate
@@ -173,10 +176,11 @@ def parse_template(  # noqa: PLR0911  # each early return is one kind of refusal
     try:
         template = ScopeTemplate.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
         problems = []
-        for err in exc.errors():
+        for err in errors:
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = plain_message(err, errors)
             problems.append(LintProblem(name, _line_of(root, loc), _field_name(loc), msg))
         return None, problems
     problems = [
@@ -202,6 +206,73 @@ def parse_template(  # noqa: PLR0911  # each early return is one kind of refusal
 
 
 _UNION_TAGS = {"vault_token", "vault_database", "aws_sts", "broker_jwt", "github_app"}
+
+
+def _unwrap(tp: Any) -> list[Any]:
+    """The concrete types behind ``Annotated``, ``X | None`` and unions."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(tp) for t in _unwrap(arg) if t is not type(None)]
+    return [tp]
+
+
+def _step(tp: Any, part: int | str) -> list[Any]:
+    """The types found one step down ``tp`` along ``part`` (a field, a list index, a dict key or a
+    union's tag)."""
+    out: list[Any] = []
+    for t in _unwrap(tp):
+        origin = typing.get_origin(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if isinstance(part, str) and part in t.model_fields:
+                out.append(t.model_fields[part].annotation)
+            elif isinstance(part, str) and part in _UNION_TAGS:
+                tag = t.model_fields.get("type")
+                if tag is not None and part in typing.get_args(tag.annotation):
+                    out.append(t)
+        elif origin in (list, tuple) and isinstance(part, int):
+            out.extend(typing.get_args(t)[:1])
+        elif origin is dict:
+            out.extend(typing.get_args(t)[1:2])
+    return out
+
+
+def known_fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names a template may have at ``loc`` (pydantic's location, union tags kept)."""
+    current: list[Any] = [ScopeTemplate]
+    for part in loc:
+        current = [t for tp in current for t in _step(tp, part)]
+    names: list[str] = []
+    for tp in current:
+        for t in _unwrap(tp):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                names.extend(n for n in t.model_fields if n not in names)
+    return names
+
+
+def plain_message(err: Any, errors: list[Any]) -> str:
+    """A schema error said plainly, with "did you mean" for a misspelled field."""
+    loc = tuple(err["loc"])
+    kind = err.get("type")
+    field = str(loc[-1]) if loc else ""
+    if kind == "extra_forbidden":
+        known = known_fields(loc[:-1])
+        close = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        listed = f" (known here: {', '.join(known)})" if known and not close else ""
+        return f"unknown field {field!r}{hint}{listed}"
+    if kind == "missing":
+        siblings = [
+            str(e["loc"][-1])
+            for e in errors
+            if e.get("type") == "extra_forbidden" and tuple(e["loc"][:-1]) == loc[:-1]
+        ]
+        close = difflib.get_close_matches(field, siblings, n=1, cutoff=0.6)
+        hint = f" (is {close[0]!r} a misspelling of it?)" if close else ""
+        return f"the field {field!r} is required but missing{hint}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return message[:1].lower() + message[1:] if message[:2] != message[:2].upper() else message
 
 
 def template_files(folder: Path) -> list[Path]:

@@ -16,6 +16,10 @@ it is younger than ``approval.approval_ttl``: an approval that went stale while 
 awaited no longer counts (its author may approve again). When the template changed since the
 request, an approval is refused and the task denied (it can never be approved as requested).
 
+A refused attempt (not an approver, not eligible, the requester, already decided, expired) is
+audited as ``broker.approval.refused`` with its code, never as ``broker.task.approval``, which is
+a decision: nobody reading the record can take a refusal for a denial.
+
 Concurrency: every decision locks the task row (``FOR UPDATE`` on PostgreSQL; SQLite serialises
 writers), writes the approval (unique per task and approver) and moves the task compare-and-set,
 so two approvers deciding at once both count, and a denial racing an approval leaves one outcome.
@@ -487,21 +491,27 @@ class ApprovalService:
         approve: bool,
     ) -> None:
         principal = session.principal
+        attempted = {
+            "broker.approval.attempted": APPROVE if approve else DENY,
+            "broker.approver.sub": principal.subject,
+            "broker.approver.issuer": principal.issuer,
+        }
         if task is not None:
             audit_task_refusal(
                 conn,
                 task,
                 error,
                 now,
-                name=EventName.TASK_APPROVAL,
+                name=EventName.APPROVAL_REFUSED,
                 actor=principal.key,
                 session_id=session.id,
+                extra=attempted,
             )
             return
         record(
             conn,
             AuditEvent(
-                name=EventName.TASK_APPROVAL,
+                name=EventName.APPROVAL_REFUSED,
                 outcome=Outcome.DENIED,
                 time=now,
                 trace_id=new_trace_id(),
@@ -509,7 +519,7 @@ class ApprovalService:
                 actor_issuer=principal.issuer,
                 actor_subject=principal.subject,
                 attributes={
-                    "broker.approval.decision": APPROVE if approve else DENY,
+                    **attempted,
                     "broker.refusal.code": error.code,
                     "broker.refusal.detail": error.detail,
                 },

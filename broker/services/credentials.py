@@ -6,9 +6,12 @@
     2. the backend call, outside any transaction;
     3. one write transaction: the credential ``active``, the task ``active``, the issuance event.
 
-A backend that refuses or is down leaves the credential ``failed`` and the task as it was (the
-same ``Idempotency-Key`` may be retried); a backend whose answer was lost leaves it
-``revoke_pending`` for the reaper. If step 3 cannot be written, or the task ended meanwhile,
+A backend that refuses or is down leaves the credential ``failed`` and the task approved: nothing
+was issued, so the approval is not spent and the agent may retry (the same ``Idempotency-Key``
+too), up to ``MAX_MINT_FAILURES`` attempts, after which the task ends ``failed``. A backend whose
+answer was lost leaves the credential ``revoke_pending`` for the reaper. A scope misconfigured at
+its backend (``ScopeMisconfigured``) is reported to the agent as such, its cause logged and kept
+for ``/readyz`` (``ScopeHealth``). If step 3 cannot be written, or the task ended meanwhile,
 what was minted is revoked before the error is returned. If the broker dies between 2 and 3, the
 reaper finds the stale intent and revokes whatever it made.
 """
@@ -26,18 +29,20 @@ from broker.backends.base import Backend, Minted, MintOutcomeUnknown, MintReques
 from broker.domain.audit import AuditEvent, EventName, Outcome
 from broker.domain.ids import new_id
 from broker.domain.records import Credential, Session, Task
-from broker.domain.task import CredentialState, TaskState
-from broker.errors import BrokerError, Conflict, NotFound, ServiceUnavailable
+from broker.domain.task import MAX_MINT_FAILURES, CredentialState, TaskState, failed_mints
+from broker.errors import BrokerError, Conflict, NotFound, ScopeMisconfigured, ServiceUnavailable
 from broker.scopes.loader import LoadedTemplate, ScopeCatalog
 from broker.scopes.render import render_backend
 from broker.services.common import Clock, record
 from broker.services.revocation import Revoker
+from broker.services.scope_health import ScopeHealth
 from broker.services.tasks import (
     Notifier,
     UnknownTask,
     audit_task_refusal,
     audit_unreachable,
     authorize_mint,
+    fail_task,
     reachable_task,
     task_attributes,
 )
@@ -98,6 +103,7 @@ class CredentialService:
         *,
         revoker: Revoker | None = None,
         notifier: Notifier | None = None,
+        scope_health: ScopeHealth | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -106,6 +112,7 @@ class CredentialService:
         self.clock = clock
         self.revoker = revoker or Revoker(db, backends, clock)
         self.notifier = notifier
+        self.scope_health = scope_health or ScopeHealth()
 
     def mint(self, session: Session, task_id: str, idempotency_key: str | None = None) -> Issued:
         """Mint the task's credential; the secret is in the result only."""
@@ -126,6 +133,10 @@ class CredentialService:
         except MintOutcomeUnknown as exc:
             self._record_failure(task, cred, exc, outcome_unknown=True)
             raise
+        except ScopeMisconfigured as exc:
+            misconfigured = self._misconfigured(task, exc, self._loaded(task.scope))
+            self._record_failure(task, cred, misconfigured, outcome_unknown=False)
+            raise misconfigured from None
         except BrokerError as exc:
             self._record_failure(task, cred, exc, outcome_unknown=False)
             raise
@@ -141,7 +152,25 @@ class CredentialService:
         if self.settings.dev_mode and self.settings.dev_fault == "pause_after_mint":
             self._pause_for_crash_test(cred.id)
         # 3. The issuance record; if it cannot be written, revoke and fail closed.
-        return self._record_issue(session, task, cred, request, backend, minted, now)
+        issued = self._record_issue(session, task, cred, request, backend, minted, now)
+        self.scope_health.healthy(task.scope)
+        return issued
+
+    def _misconfigured(
+        self, task: Task, exc: ScopeMisconfigured, loaded: LoadedTemplate | None
+    ) -> ScopeMisconfigured:
+        """The agent learns the scope is misconfigured and who owns it; the cause goes to the
+        log and ``/readyz`` (it names policies and roles the agent has no business knowing)."""
+        cause = exc.internal or exc.detail
+        self.scope_health.misconfigured(task.scope, cause, self.clock())
+        owner = loaded.template.owner if loaded is not None else None
+        return ScopeMisconfigured(
+            f"the scope {task.scope!r} is misconfigured at its backend; nothing was issued "
+            "and retrying will not help until it is fixed"
+            + (f" (its owner: {owner})" if owner else ""),
+            internal=cause,
+            extra={"scope": task.scope, **({"owner": owner} if owner else {})},
+        )
 
     # --- step 1 ---------------------------------------------------------------------------
 
@@ -271,26 +300,30 @@ class CredentialService:
         reaper to revoke (``revoke_pending``, no handle); otherwise it is ``failed``.
         """
         now = self.clock()
+        details = {**cred.details, "error_code": exc.code}
         with self.db.write() as conn:
             if outcome_unknown:
+                state = CredentialState.REVOKE_PENDING
                 repo.update_credential(
                     conn,
                     cred.id,
-                    state=CredentialState.REVOKE_PENDING,
+                    state=state,
                     idempotency_key=None,
                     next_attempt_at=now,
                     last_error=(exc.internal or exc.detail)[:500],
                     # Whatever the backend made, it made before this: it bounds an STS
                     # session's issue time, and a lease's creation, for the reaper.
-                    details={**cred.details, "mint_call_ended_at": now},
+                    details={**details, "mint_call_ended_at": now},
                 )
             else:
+                state = CredentialState.FAILED
                 repo.update_credential(
                     conn,
                     cred.id,
-                    state=CredentialState.FAILED,
+                    state=state,
                     idempotency_key=None,
                     last_error=(exc.internal or exc.detail)[:500],
+                    details=details,
                 )
             repo.update_task(conn, task.id, mints=task.mints, updated_at=now)
             record(
@@ -310,10 +343,27 @@ class CredentialService:
                         "broker.credential.id": cred.id,
                         "broker.backend": cred.backend,
                         "broker.error.code": exc.code,
+                        "broker.error.detail": exc.detail,
+                        "broker.credential.state": state.value,
                         "broker.credential.outcome_unknown": outcome_unknown,
                     },
                 ),
             )
+            current = repo.get_task(conn, task.id, for_update=True)
+            failed = failed_mints(repo.credentials_for(conn, task.id))
+            if (
+                current is not None
+                and current.state is TaskState.APPROVED
+                and current.mints == 0
+                and len(failed) >= MAX_MINT_FAILURES
+            ):
+                fail_task(
+                    conn,
+                    current,
+                    now,
+                    reason=f"no credential was issued: {len(failed)} mints failed "
+                    f"(the limit), the last with {exc.code}",
+                )
 
     def _pause_for_crash_test(self, credential_id: str) -> None:
         """Test hook (dev mode only): announce the pause in a file, then wait to be killed."""

@@ -28,13 +28,15 @@ from broker.domain.audit import (
     new_trace_id,
 )
 from broker.domain.ids import new_id
-from broker.domain.records import Approval, Session, Task
+from broker.domain.records import Approval, Credential, Session, Task
 from broker.domain.scope import ScopeTemplate
 from broker.domain.scrub import scrub_text
 from broker.domain.task import (
     TaskState,
     condition_claims,
     decide_request,
+    ending_state,
+    failure_reason,
     resolve_ttl,
     tally,
     task_binding,
@@ -282,6 +284,7 @@ def audit_task_refusal(
     name: str = EventName.REQUEST_DENIED,
     actor: tuple[str, str] | None = None,
     session_id: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """A refused operation on a task (mint, decision), with its stable code and public detail."""
     record(
@@ -300,6 +303,7 @@ def audit_task_refusal(
                 **task_attributes(task),
                 "broker.refusal.code": error.code,
                 "broker.refusal.detail": error.detail,
+                **(extra or {}),
             },
         ),
     )
@@ -339,6 +343,45 @@ def end_task(
                 "broker.decision.rule": rule,
                 "broker.decision.reason": reason,
             },
+        ),
+    )
+    return task
+
+
+def fail_task(
+    conn: Tx,
+    task: Task,
+    now: float,
+    *,
+    reason: str,
+    session_id: str | None = None,
+    actor: tuple[str, str] | None = None,
+) -> Task:
+    """End an approved task ``failed`` (no credential was ever issued) and audit it as a failed
+    end, never as a success: ``broker.task.complete`` with outcome ``failure``."""
+    transition(task.state, TaskState.FAILED)
+    values: dict[str, Any] = {
+        "state": TaskState.FAILED,
+        "updated_at": now,
+        "ends_at": now,
+        "reason": reason[:500],
+    }
+    if not repo.update_task(conn, task.id, expect=task.state, **values):
+        raise Conflict("the task changed meanwhile; read it again", code="task_changed")
+    task = replace(task, **values)
+    record(
+        conn,
+        AuditEvent(
+            name=EventName.TASK_COMPLETE,
+            outcome=Outcome.FAILURE,
+            time=now,
+            trace_id=task.trace_id,
+            parent_span_id=task.span_id,
+            session_id=session_id,
+            task_id=task.id,
+            actor_issuer=actor[0] if actor else None,
+            actor_subject=actor[1] if actor else None,
+            attributes={**task_attributes(task), "broker.task.end_reason": reason},
         ),
     )
     return task
@@ -389,15 +432,25 @@ def authorize_mint(
         refusal = Conflict(
             "the approval has expired; request the task again", code="approval_expired"
         )
-        expired = end_task(
-            conn,
-            task,
-            TaskState.EXPIRED,
-            now,
-            reason="the approval expired before it was used",
-            rule="approval_ttl",
-            event=EventName.TASK_EXPIRE,
-        )
+        credentials = repo.credentials_for(conn, task.id)
+        if ending_state(task, TaskState.EXPIRED, credentials) is TaskState.FAILED:
+            expired = fail_task(
+                conn,
+                task,
+                now,
+                reason=f"{failure_reason(credentials)}; then the approval expired",
+                session_id=session_id,
+            )
+        else:
+            expired = end_task(
+                conn,
+                task,
+                TaskState.EXPIRED,
+                now,
+                reason="the approval expired before it was used",
+                rule="approval_ttl",
+                event=EventName.TASK_EXPIRE,
+            )
         if notifier is not None and expired.approvals_required:
             notifier.enqueue(conn, "task.expired", expired, loaded.template if loaded else None)
         audit_task_refusal(conn, task, refusal, now, session_id=session_id)
@@ -680,6 +733,16 @@ class TaskService:
                 if not lapsed(task, now):
                     continue
                 what = "request" if task.state is TaskState.PENDING else "approval"
+                credentials = repo.credentials_for(conn, task.id)
+                if ending_state(task, TaskState.EXPIRED, credentials) is TaskState.FAILED:
+                    fail_task(
+                        conn,
+                        task,
+                        now,
+                        reason=f"{failure_reason(credentials)}; then the approval expired",
+                    )
+                    expired += 1
+                    continue
                 done = end_task(
                     conn,
                     task,
@@ -701,7 +764,10 @@ class TaskService:
     # --- end ------------------------------------------------------------------------------
 
     def complete(self, session: Session, task_id: str, *, cancel: bool = False) -> Task:
-        """End a task: completed (or cancelled before use) and everything it holds revoked."""
+        """End a task: completed (or cancelled before use) and everything it holds revoked.
+
+        A task whose mints all failed ends ``failed`` instead (nothing was ever issued).
+        """
         now = self.clock()
         try:
             task = self._end(session, task_id, cancel=cancel, now=now)
@@ -714,11 +780,25 @@ class TaskService:
     def _end(self, session: Session, task_id: str, *, cancel: bool, now: float) -> Task:
         with self.db.write() as conn:
             task = reachable_task(conn, session, task_id, for_update=True)
-            target = (
+            wanted = (
                 TaskState.CANCELLED
                 if cancel or task.state is TaskState.PENDING
                 else TaskState.COMPLETED
             )
+            # Only an approved task can have failed mints without an issued credential.
+            credentials = (
+                repo.credentials_for(conn, task.id) if task.state is TaskState.APPROVED else []
+            )
+            target = ending_state(task, wanted, credentials)
+            if target is TaskState.FAILED:
+                return fail_task(
+                    conn,
+                    task,
+                    now,
+                    reason=failure_reason(credentials),
+                    session_id=session.id,
+                    actor=session.principal.key,
+                )
             transition(task.state, target)
             if not repo.update_task(
                 conn, task.id, expect=task.state, state=target, updated_at=now, ends_at=now
@@ -741,6 +821,11 @@ class TaskService:
                 ),
             )
         return task
+
+    def credentials_of(self, task: Task) -> list[Credential]:
+        """The task's credentials as recorded now (states only; never a secret)."""
+        with self.db.read() as conn:
+            return repo.credentials_for(conn, task.id)
 
     # --- audit ----------------------------------------------------------------------------
 

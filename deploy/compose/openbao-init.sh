@@ -21,6 +21,7 @@ path "auth/token/create/broker-child" { capabilities = ["update"] }
 path "auth/token/create/broker-lease" { capabilities = ["update"] }
 path "auth/token/revoke-accessor" { capabilities = ["update"] }
 path "auth/token/lookup-accessor" { capabilities = ["update"] }
+path "auth/token/roles/*" { capabilities = ["read"] }
 path "auth/token/accessors" { capabilities = ["list", "sudo"] }
 path "auth/token/lookup-self" { capabilities = ["read"] }
 path "auth/token/renew-self" { capabilities = ["update"] }

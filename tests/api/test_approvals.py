@@ -131,13 +131,18 @@ def test_the_requester_never_approves_their_own_task(
         assert resp.json()["code"] == "self_approval"
         assert both.get("/v1/approvals").json() == []
         assert both.task(task["id"])["state"] == "pending"
-        approval_events = [
-            e for e in events(broker, task["id"]) if e["name"] == "broker.task.approval"
-        ]
+        # A refused attempt is recorded as a refusal, never as a decision.
+        assert not [e for e in events(broker, task["id"]) if e["name"] == "broker.task.approval"]
+        refused = [e for e in events(broker, task["id"]) if e["name"] == "broker.approval.refused"]
         assert [
-            (e["outcome"], e["attributes"]["broker.refusal.code"], e["actor_subject"])
-            for e in approval_events
-        ] == [("denied", "self_approval", "dana")]
+            (
+                e["outcome"],
+                e["attributes"]["broker.refusal.code"],
+                e["attributes"]["broker.approval.attempted"],
+                e["actor_subject"],
+            )
+            for e in refused
+        ] == [("denied", "self_approval", "approve", "dana")]
         other = login(client, issuer, "omar", groups=["dba"], broker_roles=["approver"])
         assert other.approve(task["id"]).json()["state"] == "approved"
 

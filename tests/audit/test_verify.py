@@ -243,7 +243,10 @@ def test_the_cli_verifies_and_says_where(
     out = tmp_path / "export.jsonl"
     result = runner.invoke(app, ["audit", "export", "--out", str(out)], env=cli_env)
     assert result.exit_code == 0, result.output
-    assert len(out.read_text().splitlines()) == 7
+    lines = out.read_text().splitlines()
+    assert len(lines) == 9  # a header, the 7 events and a trailer
+    assert json.loads(lines[0])["broker_audit_export"] == 1
+    assert json.loads(lines[-1])["events"] == 7
     pub = tmp_path / "keys.json"
     pub.write_text(runner.invoke(app, ["audit", "public-keys"], env=cli_env).output)
     assert json.loads(pub.read_text())["keys"], "the key ring published its key"
@@ -313,3 +316,95 @@ def test_old_dedup_keys_are_forgotten_hourly(store: Database, signer: FileKeySig
     assert checkpointer.prune() == 0  # not again within the hour
     clock[0] += 3601
     assert checkpointer.prune() == 1
+
+
+def _export(runner: CliRunner, env: dict[str, str], out: Path, *filters: str) -> list[str]:
+    result = runner.invoke(
+        app, ["audit", "export", "--store", "--out", str(out), *filters], env=env
+    )
+    assert result.exit_code == 0, result.output
+    return out.read_text().splitlines()
+
+
+def _verify_file(runner: CliRunner, env: dict[str, str], path: Path, *extra: str) -> Any:
+    return runner.invoke(app, ["audit", "verify", "--file", str(path), *extra], env=env)
+
+
+def test_a_filtered_export_verifies_offline_with_no_other_flag_and_an_edit_names_the_event(
+    store: Database, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """One task's export (its events are not adjacent to the others in the chain) verifies with
+    `broker audit verify --file` alone: it says it is a filtered export and how many links it
+    could check, and calls nothing deleted. Editing one byte of one event makes it TAMPERED,
+    naming that event's seq, id and name; removing an event line or the trailer is caught too."""
+    runner = CliRunner()
+    append_events(store, 12)
+    assert runner.invoke(app, ["audit", "checkpoint"], env=cli_env).exit_code == 0
+    append_events(store, 4, start=1_700_000_100.0)
+    task = rows(store)[2]["task_id"]
+    path = tmp_path / "task.jsonl"
+    lines = _export(runner, cli_env, path, "--task", task)
+    assert json.loads(lines[0])["filter"] == {"task": task}
+    result = _verify_file(runner, cli_env, path)
+    assert result.exit_code == 0, result.output
+    # Seq 3, 4 and 16, 17: one link across a gap the filter left, two between neighbours.
+    assert result.output.startswith(f"OK: 4 events (seq 3..17) in a filtered export (task={task})")
+    assert "links: 2 between events adjacent in the chain checked; 1 gap (events" in result.output
+    assert "deleted" not in result.output
+    assert "keys: the ones the file carries" in result.output
+    report = json.loads(_verify_file(runner, cli_env, path, "--json").output)
+    assert report["export"]["kind"] == "filtered" and report["findings"] == []
+
+    victim = json.loads(lines[1])
+    lines_edited = list(lines)
+    lines_edited[1] = lines[1].replace('"step ', '"Step ', 1)  # one byte of one event
+    assert lines_edited[1] != lines[1]
+    path.write_text("\n".join(lines_edited) + "\n")
+    tampered = _verify_file(runner, cli_env, path)
+    assert tampered.exit_code == 1
+    assert tampered.output.startswith("TAMPERED")
+    assert (
+        f"edited             seq {victim['seq']} ({victim['id']}) {victim['name']}"
+        in tampered.output
+    )
+
+    path.write_text("\n".join([lines[0], *lines[2:]]) + "\n")
+    removed = json.loads(_verify_file(runner, cli_env, path, "--json").output)
+    assert [f["kind"] for f in removed["findings"]] == ["deleted"]
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    cut = json.loads(_verify_file(runner, cli_env, path, "--json").output)
+    assert [f["kind"] for f in cut["findings"]] == ["truncated"]
+
+
+def test_complete_exports_checkpoints_and_pinned_keys(
+    store: Database, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """A complete export verifies every link and its signed checkpoint with the keys it carries;
+    pinned to another key the checkpoint does not verify (TAMPERED: bad_checkpoint); an export of
+    the checkpoints alone checks their signatures though the heads they sign are not in it; an
+    older file without a header that does not start at the chain's genesis is read as filtered."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    runner = CliRunner()
+    append_events(store, 6)
+    assert runner.invoke(app, ["audit", "checkpoint"], env=cli_env).exit_code == 0
+    append_events(store, 2, start=1_700_000_100.0)
+    whole = tmp_path / "all.jsonl"
+    _export(runner, cli_env, whole)
+    ok = json.loads(_verify_file(runner, cli_env, whole, "--json").output)
+    assert ok["ok"] and ok["checkpoints"] == 1 and ok["export"]["kind"] == "complete"
+    stranger = tmp_path / "stranger.pub"
+    stranger.write_text(FileKeySigner(ec.generate_private_key(ec.SECP256R1())).public_pem())
+    pinned = _verify_file(runner, cli_env, whole, "--public-key", str(stranger))
+    assert pinned.exit_code == 1 and "bad_checkpoint" in pinned.output
+
+    only_checkpoints = tmp_path / "checkpoints.jsonl"
+    _export(runner, cli_env, only_checkpoints, "--event", "checkpoint")
+    report = json.loads(_verify_file(runner, cli_env, only_checkpoints, "--json").output)
+    assert report["ok"] and report["checkpoints"] == 1
+    assert report["export"]["checkpoints_beyond_file"] == 1
+
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows(store)[2:5]))
+    old = json.loads(_verify_file(runner, cli_env, legacy, "--json").output)
+    assert old["ok"] and old["export"]["kind"] == "filtered" and not old["export"]["header"]

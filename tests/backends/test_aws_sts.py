@@ -16,7 +16,7 @@ from broker.backends import sts_deny, sts_rules
 from broker.backends.aws_sts import AwsStsBackend
 from broker.backends.base import MintOutcomeUnknown
 from broker.domain.scope import AwsStsBackend as AwsStsSpec
-from broker.errors import ServiceUnavailable
+from broker.errors import ScopeMisconfigured, ServiceUnavailable
 from broker.settings import AwsSettings
 from tests.backends.helpers import mint_request, planned
 from tests.support.services import Moto
@@ -91,13 +91,15 @@ def test_duration_never_exceeds_the_roles_real_maximum(moto_server: Moto) -> Non
 
 @pytest.mark.integration
 def test_a_role_that_does_not_exist_is_refused(moto_server: Moto) -> None:
-    """moto would assume a missing role; the broker looks it up first and refuses."""
+    """moto would assume a missing role; the broker looks it up first and refuses it as a
+    misconfigured scope, naming the role only in the internal cause (for the admin)."""
     backend = sts_backend(moto_server)
     missing = spec(role_arn="arn:aws:iam::123456789012:role/no-such-role")
-    with pytest.raises(ServiceUnavailable) as refused:
+    with pytest.raises(ScopeMisconfigured) as refused:
         backend.mint(planned(backend, mint_request(missing)))
-    assert refused.value.code == "backend_refused"
-    assert "does not exist" in refused.value.detail
+    assert refused.value.code == "scope_misconfigured"
+    assert "no-such-role does not exist" in (refused.value.internal or "")
+    assert "no-such-role" not in refused.value.detail
 
 
 @pytest.mark.integration

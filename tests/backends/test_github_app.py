@@ -375,6 +375,12 @@ def test_check_template_reports_permissions_the_installation_lacks(
     problems = backend.check_template(wide.template)
     assert len(problems) == 1
     assert "actions" in problems[0]
+    # The same answers through the `scopes check --live` protocol, with what to create.
+    (ok,) = backend.check(fine.template)
+    assert ok.status == "ok" and "installed on 'octo-org'" in ok.what
+    (missing,) = backend.check(wide.template)
+    assert missing.status == "missing" and "actions" in (missing.found or "")
+    assert "install the App on octo-org" in missing.fix
 
 
 def test_the_private_key_can_live_in_openbao(

@@ -14,7 +14,7 @@ from broker.backends.vault import VaultBackend
 from broker.devstack.processes import free_port
 from broker.domain.scope import VaultDatabaseBackend, VaultTokenBackend
 from broker.domain.vault_policies import vault_policy_name
-from broker.errors import InvalidRequest, ServiceUnavailable
+from broker.errors import InvalidRequest, ScopeMisconfigured, ServiceUnavailable
 from broker.settings import VaultSettings
 from tests.backends.helpers import mint_request, planned
 from tests.support.issuer import TestIssuer
@@ -93,7 +93,8 @@ def test_root_sudo_and_unknown_policies_are_refused_before_anything_exists(
     openbao: OpenBao, vault: VaultBackend, cluster: str
 ) -> None:
     """``root`` is refused by the plan; a policy granting ``sudo`` and a policy that does not exist
-    are refused at mint time; no token is created for any of them."""
+    are refused at mint time as a misconfigured scope, the cause (naming the policy) kept for the
+    admin only; no token is created for any of them."""
     with openbao.client() as root:
         resp = root.put(
             "/v1/sys/policies/acl/sneaky",
@@ -103,14 +104,16 @@ def test_root_sudo_and_unknown_policies_are_refused_before_anything_exists(
     with pytest.raises(InvalidRequest) as refused:
         vault.plan(mint_request(VaultTokenBackend(type="vault_token", policies=["root"])))
     assert refused.value.code == "forbidden_policy"
-    for name, code in (("sneaky", "forbidden_policy"), ("no-such-policy", "unknown_policy")):
+    for name, cause in (("sneaky", "grants sudo"), ("no-such-policy", "has no policy named")):
         request = mint_request(
             VaultTokenBackend(type="vault_token", policies=["kv-read", name]), cluster=cluster
         )
-        with pytest.raises(InvalidRequest) as refused:
+        with pytest.raises(ScopeMisconfigured) as misconfigured:
             vault.mint(planned(vault, request))
-        assert refused.value.code == code
-        assert "sudo" not in refused.value.detail or code == "forbidden_policy"
+        assert misconfigured.value.code == "scope_misconfigured"
+        assert cause in (misconfigured.value.internal or "")
+        assert name in (misconfigured.value.internal or "")
+        assert name not in misconfigured.value.detail
     assert list(vault.inventory(cluster)) == []
 
 
@@ -174,6 +177,48 @@ def test_forbidden_policies_are_refused_in_any_spelling_vault_accepts(
     assert minted.details["policies"] == ["default", "kv-read"]
     vault.revoke(RevokeRef("c", "t", minted.kind, minted.handle))
     assert lookup(openbao, minted.secret["token"]) is None
+
+
+def test_a_missing_policy_is_not_remembered_and_the_token_role_is_checked(
+    openbao: OpenBao, vault: VaultBackend, cluster: str
+) -> None:
+    """A mint naming a policy OpenBao lacks fails as misconfigured; once the admin writes the
+    policy the very next mint gets past that check (the "not found" answer was not cached) and
+    fails on the token role, which does not allow it yet; once the role allows it, it mints."""
+    name = f"kv-team-{secrets.token_hex(3)}"
+    spec = VaultTokenBackend(type="vault_token", policies=[name])
+    with pytest.raises(ScopeMisconfigured) as first:
+        vault.mint(planned(vault, mint_request(spec, cluster=cluster)))
+    assert f"no policy named {name!r}" in (first.value.internal or "")
+    with openbao.client() as root:
+        assert (
+            root.put(
+                f"/v1/sys/policies/acl/{name}",
+                json={"policy": 'path "secret/data/demo/*" { capabilities = ["read"] }'},
+            ).status_code
+            == 204
+        )
+        with pytest.raises(ScopeMisconfigured) as second:
+            vault.mint(planned(vault, mint_request(spec, cluster=cluster)))
+        assert "allowed policies" in (second.value.internal or "")
+        assert "token role 'broker-child'" in (second.value.internal or "")
+        role = root.get("/v1/auth/token/roles/broker-child").json()["data"]
+        try:
+            assert (
+                root.post(
+                    "/v1/auth/token/roles/broker-child",
+                    json={"allowed_policies": [*role["allowed_policies"], name]},
+                ).status_code
+                == 204
+            )
+            minted = vault.mint(planned(vault, mint_request(spec, cluster=cluster)))
+            assert name in minted.details["policies"]
+            vault.revoke(RevokeRef("crd", "tsk", minted.kind, minted.handle))
+        finally:
+            root.post(
+                "/v1/auth/token/roles/broker-child",
+                json={"allowed_policies": role["allowed_policies"]},
+            )
 
 
 def test_revocation_by_accessor_kills_the_token_and_is_idempotent(

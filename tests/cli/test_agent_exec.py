@@ -368,15 +368,17 @@ def test_exec_waits_for_a_human_and_then_runs(stack: AgentStack) -> None:
 
 
 def test_no_wait_leaves_the_request_pending_with_the_way_forward(stack: AgentStack) -> None:
-    """`broker request --no-wait` on a manual scope exits 3 and says how to continue; the task
-    stays pending and `broker status TASK --json` reports it with its approvers; once approved,
-    `broker exec --task TASK` runs with it and completes it."""
+    """`broker request --no-wait` on a manual scope prints the task id alone on stdout (exit 0)
+    and says on stderr how to continue; the task stays pending and `broker status TASK --json`
+    reports it with its approvers; once approved, `broker exec --task TASK` runs with it and
+    completes it."""
     done = broker_cli(
         stack, "request", "agent-test-manual", "--purpose", "later", "--no-wait", sub="patient"
     )
-    assert done.returncode == 3, done.stderr
-    assert "broker request --task tsk_" in done.stderr
-    task_id = done.stderr.split("broker request --task ")[1].split("`")[0]
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.strip()
+    assert task_id.startswith("tsk_") and "\n" not in task_id
+    assert f"broker request --task {task_id}" in done.stderr
     status = broker_cli(stack, "status", task_id, "--json", sub="patient")
     assert status.returncode == 0, status.stderr
     body = json.loads(status.stdout)

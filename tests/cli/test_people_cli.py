@@ -17,6 +17,12 @@ pytestmark = pytest.mark.integration
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def own_session_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions these tests open are cached under the test's folder, not the user's home."""
+    monkeypatch.setenv("BROKER_SESSION_CACHE", str(tmp_path / "sessions.json"))
+
+
 def test_an_approver_decides_from_the_terminal(
     tmp_path: Path, issuer: TestIssuer, make_settings: Any
 ) -> None:
@@ -65,20 +71,29 @@ def test_an_approver_decides_from_the_terminal(
 
         third = people.dba.request("postgres-readwrite").json()
         own = runner.invoke(app, ["approvals", "approve", third["id"], "-r", "me"], env=env)
-        assert own.exit_code == 1
+        assert own.exit_code == 4  # refused
         assert "the requester of a task can never decide it (self_approval)" in own.output
 
 
 def test_usage_errors(issuer: TestIssuer, make_settings: Any) -> None:
-    """No token is a usage error (2); an unreachable broker is an error (1)."""
-    missing = runner.invoke(app, ["approvals", "list"], env={"BROKER_URL": "http://127.0.0.1:9"})
-    assert missing.exit_code == 2 and "no session" in missing.output
+    """No way to sign in is a usage error (2) that names the ID token sources; an unreachable
+    broker is exit 7."""
+    no_id_token = {
+        "BROKER_URL": "http://127.0.0.1:9",
+        "BROKER_ID_TOKEN": "",
+        "BROKER_ID_TOKEN_FILE": "",
+        "BROKER_ID_TOKEN_COMMAND": "",
+        "BROKER_SESSION_TOKEN": "",
+    }
+    missing = runner.invoke(app, ["approvals", "list"], env=no_id_token)
+    assert missing.exit_code == 2
+    assert "no ID token found" in missing.output and "BROKER_ID_TOKEN_COMMAND" in missing.output
     down = runner.invoke(
         app,
         ["approvals", "list"],
         env={"BROKER_URL": "http://127.0.0.1:9", "BROKER_SESSION_TOKEN": "x"},
     )
-    assert down.exit_code == 1 and "not reachable" in down.output
+    assert down.exit_code == 7 and "cannot reach the broker" in down.output
 
 
 def test_approvals_show_prints_the_grant_for_these_parameters(

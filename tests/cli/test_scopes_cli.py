@@ -99,6 +99,7 @@ def test_one_adhoc_evaluation() -> None:
             "bucket=example-data-logs",
             "--param",
             "prefix=a/b",
+            "--json",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -122,6 +123,38 @@ def test_one_adhoc_evaluation() -> None:
             'groups:=["developers"]',
             "--approver",
             "sub=d",
+            "--json",
         ],
     )
     assert json.loads(typed.stdout)["approver"] == "self"
+
+
+def test_scopes_test_can_assert_the_expected_outcome() -> None:
+    """--expect makes one evaluation a check: exit 0 when the broker would decide so, 1 (saying
+    what it got) when not; human output by default."""
+    args = ["scopes", "test", "--dir", str(SCOPES), "--scope", "postgres-readonly"]
+    ok = runner.invoke(app, [*args, "--claim", "groups=developers", "--expect", "approved"])
+    assert ok.exit_code == 0, ok.output
+    assert "outcome             approved" in ok.stdout
+    wrong = runner.invoke(app, [*args, "--claim", "groups=contractors", "--expect", "approved"])
+    assert wrong.exit_code == 1
+    assert "FAIL: expected approved, got denied" in wrong.output
+    bad = runner.invoke(app, [*args, "--expect", "maybe"])
+    assert bad.exit_code == 2
+
+
+def test_scopes_check_offline_lists_what_each_backend_needs() -> None:
+    """Offline, `scopes check` lints and lists each template's prerequisites with what to create
+    (exit 0: nothing was checked yet); --json gives the same as data."""
+    result = runner.invoke(app, ["scopes", "check", str(SCOPES)])
+    assert result.exit_code == 0, result.output
+    assert "vault-kv-read  (vault_token" in result.stdout
+    assert "needs    OpenBao/Vault has the ACL policy 'kv-read', granting no sudo" in result.stdout
+    assert "create: bao policy write kv-read" in result.stdout
+    assert "the IAM role arn:aws:iam::123456789012:role/broker-deploy trusts the broker" in (
+        result.stdout
+    )
+    data = json.loads(runner.invoke(app, ["scopes", "check", str(SCOPES), "--json"]).stdout)
+    names = {c["scope"] for c in data["checks"]}
+    assert names == {p.stem for p in SCOPES.glob("*.yaml")}
+    assert all(r["status"] == "unchecked" for c in data["checks"] for r in c["requirements"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -183,3 +184,42 @@ def test_what_is_not_a_jwt_is_refused(bad: str) -> None:
     """Empty values, non-JWTs and oversized values never reach the broker."""
     with httpx.Client() as http, pytest.raises(IdTokenUnavailable):
         StaticIdToken(bad).fetch(http)
+
+
+def test_costly_sources_name_their_cached_session_without_fetching(tmp_path: Path) -> None:
+    """A command's (and GitHub Actions') session is found in the cache by the source itself, so
+    a cached session is used without running anything; the key differs per command and per CI
+    run, never holds the request token, and cheap sources (a file) are keyed by the identity in
+    their token instead."""
+    from broker.client.config import session_cache_key
+
+    ran = tmp_path / "ran"
+    command = discover(
+        {"BROKER_ID_TOKEN_COMMAND": f"sh -c 'touch {ran}; echo {JWT}'", "GITHUB_RUN_ID": "7"}
+    )
+    key = session_cache_key("https://b", command, None)
+    assert key is not None and not ran.exists()
+    same = discover(
+        {"BROKER_ID_TOKEN_COMMAND": f"sh -c 'touch {ran}; echo {JWT}'", "GITHUB_RUN_ID": "7"}
+    )
+    other_run = discover(
+        {"BROKER_ID_TOKEN_COMMAND": f"sh -c 'touch {ran}; echo {JWT}'", "GITHUB_RUN_ID": "8"}
+    )
+    assert session_cache_key("https://b", same, None) == key
+    assert session_cache_key("https://b", other_run, None) != key
+    assert session_cache_key("https://c", same, None) != key
+    github = GitHubActionsIdToken("https://gh.example/token?x=1", "request-secret")
+    github_key = session_cache_key("https://b", github, None)
+    assert github_key is not None and "request-secret" not in github_key
+    path = tmp_path / "token"
+    path.write_text(JWT)
+    file_source = FileIdToken(path)
+    assert session_cache_key("https://b", file_source, None) is None  # fetch, then key by identity
+
+    def jwt_of(sub: str) -> str:
+        body = base64.urlsafe_b64encode(json.dumps({"iss": "https://i", "sub": sub}).encode())
+        return f"eyJhbGciOiJFUzI1NiJ9.{body.decode().rstrip('=')}.c2ln"
+
+    one = session_cache_key("https://b", file_source, jwt_of("agent-a"))
+    assert one is not None
+    assert one != session_cache_key("https://b", file_source, jwt_of("agent-b"))

@@ -7,7 +7,9 @@ API, the audit record, the rendered pages. Screenshots of every page go to test-
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -485,3 +487,182 @@ def test_no_page_ever_shows_a_secret_a_session_token_or_an_id_token(
                 assert secret not in html, f"a secret is on {url}"
             assert "brk_sess_" not in html, f"a session token is on {url}"
             assert not re.search(r"eyJ[A-Za-z0-9_-]{10,}\.eyJ", html), f"a JWT is on {url}"
+
+
+#: An automatic OpenBao scope, for the records that must not be misread: one naming a policy
+#: OpenBao does not have (its mint fails), one that mints a real kv-read token.
+KV_AUTO = """\
+name: {name}
+description: {description}
+owner: platform-team
+backend:
+  type: vault_token
+  policies: [{policy}]
+requester:
+  all:
+    - claim: groups
+      one_of: [developers]
+ttl:
+  default: 600
+  max: 1200
+max_uses: 20
+max_active_tasks: 10
+risk: low
+approval:
+  mode: auto
+"""
+
+
+@pytest.mark.postgres
+def test_refusals_failed_mints_and_revoke_pending_read_as_what_they_are(
+    tmp_path: Path, issuer_app: DevIssuer, openbao: OpenBao, pg_url: str, browsing: Any
+) -> None:
+    """Three records that must not be misread, each checked in the CLI trace, the console (a
+    real Chromium) and an export: an approver outside the scope's approvers tries to approve
+    (a REFUSED line with its code, drawn as a refused attempt, exported as
+    broker.approval.refused, never a decision) beside a real denial; a mint that fails because
+    the scope names a policy OpenBao lacks (the task ends failed, not completed; nothing was
+    issued); a credential whose revocation fails while OpenBao is unreachable (still
+    revoke_pending: the trace warns, the console says so above the task, the export has the
+    failed revocation)."""
+    from typer.testing import CliRunner
+
+    from broker.cli.main import app
+    from tests.support.tcp_proxy import TcpProxy
+
+    scopes = tmp_path / "scopes"
+    scopes.mkdir()
+    missing = f"kv-missing-{secrets.token_hex(4)}"
+    (scopes / "kv-missing.yaml").write_text(
+        KV_AUTO.format(
+            name="kv-missing", description="Names a policy nobody created.", policy=missing
+        )
+    )
+    (scopes / "kv-auto.yaml").write_text(
+        KV_AUTO.format(name="kv-auto", description="Read the demo secrets.", policy="kv-read")
+    )
+    proxy = TcpProxy(int(openbao.addr.rsplit(":", 1)[1])).up()
+    try:
+        with console_stack(
+            tmp_path, issuer_app, vault=openbao.vault_settings(addr=proxy.url), database_url=pg_url
+        ) as stack:
+            agent = stack.agent("dev-rio", groups=["developers"], broker_roles=["agent"])
+            # 1. A refused attempt beside a real decision.
+            pending = agent.request(
+                "deploy-notes", {"environment": "staging", "ticket": "CHG-77"}, "notes for 4.3"
+            )
+            dana = stack.agent("dana", groups=["dba"], broker_roles=["approver"])
+            sam = stack.agent("sam", groups=["sre"], broker_roles=["approver"])
+            refused = stack.client.post(
+                f"/v1/approvals/{pending['id']}/approve", json={"reason": "lgtm"}, headers=dana.auth
+            )
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["code"] == "not_an_eligible_approver"
+            denied = stack.client.post(
+                f"/v1/approvals/{pending['id']}/deny",
+                json={"reason": "not today"},
+                headers=sam.auth,
+            )
+            assert denied.json()["state"] == "denied"
+            # 2. A failed mint: the task ends failed.
+            failing = agent.request("kv-missing", {}, "read a secret behind a missing policy")
+            mint = stack.client.post(f"/v1/tasks/{failing['id']}/credentials", headers=agent.auth)
+            assert mint.status_code == 500 and mint.json()["code"] == "scope_misconfigured"
+            assert missing not in mint.text  # the cause is for admins only
+            ended = stack.client.post(f"/v1/tasks/{failing['id']}/complete", headers=agent.auth)
+            assert ended.json()["state"] == "failed"
+            # 3. A revocation that fails: the credential stays revoke_pending.
+            held = agent.request("kv-auto", {}, "read the demo greeting")
+            minted = stack.client.post(f"/v1/tasks/{held['id']}/credentials", headers=agent.auth)
+            assert minted.status_code == 201, minted.text
+            proxy.down()
+            done = stack.client.post(f"/v1/tasks/{held['id']}/complete", headers=agent.auth)
+            assert done.status_code == 200, done.text
+            creds = done.json()["credentials"]
+            assert [c["state"] for c in creds] == ["revoke_pending"]
+
+            auditor = stack.agent("aud-ines", broker_roles=["auditor"])
+            runner = CliRunner()
+            env = {"BROKER_SESSION_CACHE": str(tmp_path / "sessions.json"), "BROKER_CONFIG": ""}
+
+            def cli(*args: str) -> str:
+                result = runner.invoke(
+                    app, [*args, "--url", stack.url, "--token", auditor.token], env=env
+                )
+                assert result.exit_code == 0, result.output
+                return result.output
+
+            def exported(task_id: str) -> list[dict[str, Any]]:
+                out = tmp_path / f"{task_id}.jsonl"
+                cli("audit", "export", "--task", task_id, "--out", str(out))
+                assert cli("audit", "verify", "--file", str(out)).startswith("OK:")
+                return [json.loads(line) for line in out.read_text().splitlines()[1:-1]]
+
+            trace = cli("audit", "trace", pending["id"])
+            assert (
+                "REFUSED  dana tried to approve, not a decision: refused with not_an_eligible_approver"
+                in trace
+            )
+            assert "APPROVAL sam: deny" in trace
+            assert "dana: " not in trace.replace("dana tried", "")
+            events = exported(pending["id"])
+            refusals = [e for e in events if e["name"] == "broker.approval.refused"]
+            assert [
+                (e["actor_subject"], e["attributes"]["broker.refusal.code"]) for e in refusals
+            ] == [("dana", "not_an_eligible_approver")]
+            assert [e["actor_subject"] for e in events if e["name"] == "broker.task.approval"] == [
+                "sam"
+            ]
+
+            trace = cli("audit", "trace", failing["id"])
+            assert "state failed" in trace.splitlines()[0]
+            assert "FAILED (scope_misconfigured), nothing was issued" in trace
+            assert "END      FAILED, state failed, no credential was issued" in trace
+            assert "END      success" not in trace
+            events = exported(failing["id"])
+            ends = [e for e in events if e["name"] == "broker.task.complete"]
+            assert [(e["outcome"], e["attributes"]["broker.task.state"]) for e in ends] == [
+                ("failure", "failed")
+            ]
+            issues = [e for e in events if e["name"] == "broker.credential.issue"]
+            assert [(e["outcome"], e["attributes"]["broker.error.code"]) for e in issues] == [
+                ("failure", "scope_misconfigured")
+            ]
+
+            trace = cli("audit", "trace", held["id"])
+            assert "NOT REVOKED" in trace and "still revoke_pending" in trace
+            assert trace.splitlines()[-1].startswith(
+                f"WARNING: credential {creds[0]['id']} is still revoke_pending"
+            )
+            events = exported(held["id"])
+            revokes = [e for e in events if e["name"] == "broker.credential.revoke"]
+            assert revokes and revokes[0]["outcome"] == "failure"
+            assert revokes[0]["attributes"]["broker.revoke.error"]
+
+            b = browsing("misread")
+            sign_in_page(
+                b, stack, sub="aud-ines", roles=("auditor",), start=f"/ui/tasks/{pending['id']}"
+            )
+            page = b.page
+            rows = page.eval_on_selector_all(
+                "#events tr.ev",
+                "rows => rows.map(r => [r.dataset.kind, r.innerText])",
+            )
+            refusal_rows = [text for kind, text in rows if kind == "refusal"]
+            assert any("not_an_eligible_approver" in t and "dana" in t for t in refusal_rows)
+            assert not any("dana" in text for kind, text in rows if kind == "approval")
+            assert "Refused attempt" in page.inner_text("#timeline")
+            b.shot("timeline-refused", doc=True)
+
+            page.goto(f"{stack.url}/ui/tasks/{failing['id']}")
+            assert "failed" in page.inner_text(".page-head")
+            assert "no credential was issued" in page.inner_text("#task-failed")
+            b.shot("task-failed", doc=True)
+
+            page.goto(f"{stack.url}/ui/tasks/{held['id']}")
+            warning = page.inner_text("#revoke-pending")
+            assert creds[0]["id"] in warning and "revoke_pending" in warning
+            assert "revoke_pending" in page.inner_text("#timeline")
+            b.shot("task-revoke-pending", doc=True)
+    finally:
+        proxy.down()

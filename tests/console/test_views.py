@@ -140,3 +140,15 @@ def test_durations_read_like_people_write_them() -> None:
     assert duration(7200) == "2 h"
     assert duration(0.1234) == "0.123 s"
     assert duration(None) == "-"
+
+
+def test_a_refused_attempt_is_drawn_as_a_refusal_never_as_a_decision() -> None:
+    """A refused approval attempt (and one recorded before broker.approval.refused existed, as a
+    broker.task.approval with a refusal code) is a refusal on the timeline; a real decision is an
+    approval."""
+    from broker.api.console.views import kind_of
+
+    refused = {"name": "broker.approval.refused", "attributes": {"broker.refusal.code": "x"}}
+    legacy = {"name": "broker.task.approval", "attributes": {"broker.refusal.code": "x"}}
+    decision = {"name": "broker.task.approval", "attributes": {"broker.approval.decision": "deny"}}
+    assert [kind_of(e) for e in (refused, legacy, decision)] == ["refusal", "refusal", "approval"]

@@ -348,3 +348,43 @@ def test_the_share_default_keeps_older_hashes(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("share: session", "share: principal"))
     other, _ = parse_template(path)
     assert other is not None and other.content_hash != loaded.content_hash
+
+
+def test_a_misspelled_field_gets_a_did_you_mean(tmp_path: Path) -> None:
+    """An unknown field is named with the closest known one at that place, in plain words; the
+    required field it was meant to be is reported missing with the misspelling beside it."""
+    body = "backend:\n  type: vault_token\n  polices: [kv-read]\n" + REQUESTER
+    problems = {p.field: p for p in lint(tmp_path, body)}
+    assert problems["backend.polices"].message == (
+        "unknown field 'polices'; did you mean 'policies'?"
+    )
+    assert problems["backend.polices"].line == 6
+    assert problems["backend.policies"].message == (
+        "the field 'policies' is required but missing (is 'polices' a misspelling of it?)"
+    )
+    nested = lint(tmp_path, VAULT + "requester:\n  all:\n    - clam: sub\n      regex: '.+'\n")
+    assert [p.message for p in nested if p.field == "requester.all[0].clam"] == [
+        "unknown field 'clam'; did you mean 'claim'?"
+    ]
+    far = lint(tmp_path, VAULT + REQUESTER + "zzz: 1\n")
+    assert "did you mean" not in far[0].message and "known here: name" in far[0].message
+
+
+@pytest.mark.parametrize("pattern", [".*", ".+", "[\\s\\S]*", ".{1,64}", "(.*)"])
+def test_a_pattern_that_matches_everything_is_warned_about(tmp_path: Path, pattern: str) -> None:
+    """A parameter pattern that admits almost any value is no constraint: it is warned about
+    like a missing pattern (param-unconstrained), on the pattern's line."""
+    body = (
+        "backend:\n  type: vault_token\n  policies: ['kv-{{params.team}}']\n"
+        "  maximum: {policies: ['kv-*']}\n"
+        f"parameters:\n  team:\n    pattern: '{pattern}'\n    max_length: 20\n" + REQUESTER
+    )
+    warning = only(lint(tmp_path, body), "warning")
+    assert (warning.rule, warning.field, warning.line) == (
+        "param-unconstrained",
+        "parameters.team.pattern",
+        10,
+    )
+    assert "matches almost anything" in warning.message
+    tight = body.replace(f"'{pattern}'", "'[a-z]{2,20}'")
+    assert not [p for p in lint(tmp_path, tight) if p.rule == "param-unconstrained"]

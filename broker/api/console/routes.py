@@ -79,6 +79,7 @@ EVENT_NAMES = sorted(
         "broker.task.request",
         "broker.task.decision",
         "broker.task.approval",
+        "broker.approval.refused",
         "broker.task.complete",
         "broker.task.expire",
         "broker.credential.issue",
@@ -474,6 +475,17 @@ class Console:
             "requester_name": requester.principal.display_name if requester else None,
             "is_requester": task.requester == viewer.principal.key,
             "credentials": credentials,
+            "revoke_warnings": views.credential_warnings(
+                [
+                    {
+                        "id": c.id,
+                        "state": c.state.value,
+                        "next_attempt_at": c.next_attempt_at,
+                        "expires_at": c.expires_at,
+                    }
+                    for c in credentials
+                ]
+            ),
             "timeline": timeline,
             "trace_link": trace_url.replace("{trace_id}", task.trace_id) if trace_url else None,
             "max_reason": MAX_REASON,

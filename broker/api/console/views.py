@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.audit.trace import describe
+from broker.audit.trace import credential_warnings, describe, is_refusal
 
-__all__ = ["describe"]
+__all__ = ["credential_warnings", "describe"]
 from broker.domain.audit import EventName
 from broker.domain.records import Credential, Task
 from broker.store import Tx, repo
@@ -51,9 +51,16 @@ KIND_LABELS: dict[str, str] = {
     "revoke": "Revocation",
     "expire": "Expiry",
     "end": "End",
-    "refusal": "Refusal",
+    "refusal": "Refused attempt",
     "other": "Event",
 }
+
+
+def kind_of(event: Mapping[str, Any]) -> str:
+    """How an event is drawn: every refused attempt as a refusal, never as a decision."""
+    if is_refusal(event):
+        return "refusal"
+    return KINDS.get(str(event["name"]), "other")
 
 
 def when(ts: float | None) -> str:
@@ -274,7 +281,7 @@ def build_timeline(
     counts: dict[str, int] = {}
     for event in events:
         name = str(event["name"])
-        kind = KINDS.get(name, "other")
+        kind = kind_of(event)
         attrs: dict[str, Any] = dict(event.get("attributes") or {})
         source = attrs.get("broker.use.source") if kind == "use" else None
         lane_key = str(event.get("credential_id") or "task")

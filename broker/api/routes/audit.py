@@ -10,9 +10,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from broker.api.deps import BrokerDep, SessionDep
+from broker.api.models import CredentialStateOut
 from broker.domain.audit import AuditEvent, EventName, Outcome, new_trace_id
 from broker.domain.principal import role_refusal
 from broker.domain.records import Session
@@ -22,6 +24,9 @@ from broker.store import repo
 from broker.wiring import Broker
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
+#: Public: the keys anyone needs to verify an export offline (``broker audit verify --keys-url``).
+keys_router = APIRouter(tags=["audit"])
+KEYS_PATH = "/.well-known/audit-keys.json"
 
 MAX_PAGE = 1000
 
@@ -184,7 +189,11 @@ def events(
 class TraceOut(BaseModel):
     task_id: str
     trace_id: str
+    #: The task's state now (``failed``: approved, but minting failed and nothing was issued).
+    state: str
     events: list[EventOut]
+    #: The task's credentials now; a ``revoke_pending`` one has not been taken back yet.
+    credentials: list[CredentialStateOut]
 
 
 @router.get("/tasks/{task_id}/trace", response_model=TraceOut)
@@ -194,6 +203,7 @@ def task_trace(task_id: str, session: AuditorDep, broker: BrokerDep) -> TraceOut
         task = repo.get_task(conn, task_id)
         if task is None:
             raise NotFound("no such task", code="unknown_task")
+        credentials = repo.credentials_for(conn, task_id)
         rows: list[dict[str, Any]] = []
         after = 0
         while True:
@@ -203,7 +213,13 @@ def task_trace(task_id: str, session: AuditorDep, broker: BrokerDep) -> TraceOut
                 break
             after = int(page[-1]["seq"])
     _audit_access(broker, session, "trace", Outcome.SUCCESS, task=task_id)
-    return TraceOut(task_id=task.id, trace_id=task.trace_id, events=[EventOut.of(r) for r in rows])
+    return TraceOut(
+        task_id=task.id,
+        trace_id=task.trace_id,
+        state=task.state.value,
+        events=[EventOut.of(r) for r in rows],
+        credentials=[CredentialStateOut.of(c) for c in credentials],
+    )
 
 
 @router.get("/verify")
@@ -234,3 +250,16 @@ def status(session: AuditorDep, broker: BrokerDep) -> dict[str, Any]:
         "uses": broker.uses.counters.as_dict(),
         **runtime,
     }
+
+
+@keys_router.get(KEYS_PATH)
+def audit_keys(broker: BrokerDep) -> JSONResponse:
+    """Every public key the broker ever signed audit checkpoints with (a JWK Set). Public keys
+    only: an auditor fetches them once and verifies exports offline against them."""
+    from broker.audit.checkpoints import StoreKeys
+
+    return JSONResponse(
+        StoreKeys(broker.db).jwks(),
+        media_type="application/jwk-set+json",
+        headers={"Cache-Control": "public, max-age=300"},
+    )

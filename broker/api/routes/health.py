@@ -18,9 +18,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(broker: BrokerDep) -> JSONResponse:
-    """The store and every configured backend answer. ``revocations`` counts credentials
-    still being revoked (``unconfirmed``: something of them may still live); they are a
-    detail for alerting, not a reason to take this replica out of service."""
+    """The store and every configured backend answer.
+
+    ``revocations`` counts credentials still being revoked (``unconfirmed``: something of them
+    may still live); ``scopes`` lists the scopes whose last mint on this replica found them
+    misconfigured at their backend, with the cause. Both are detail for alerting and for the
+    admin, not a reason to take this replica out of service.
+    """
     checks = broker.readiness()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
@@ -28,6 +32,7 @@ def readyz(broker: BrokerDep) -> JSONResponse:
             "status": "ready" if ready else "unavailable",
             "checks": checks,
             "revocations": broker.revocations(),
+            "scopes": broker.scope_health.snapshot(),
         },
         status_code=200 if ready else 503,
     )

@@ -101,7 +101,8 @@ async def get_task(
     while task.state is TaskState.PENDING and time.monotonic() < deadline:
         await asyncio.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
         task = await run_in_threadpool(broker.tasks.get_own, session, task_id)
-    out = TaskOut.of(task)
+    credentials = await run_in_threadpool(broker.tasks.credentials_of, task)
+    out = TaskOut.of(task, credentials)
     if task.approvals_required:
         decisions = await run_in_threadpool(broker.tasks.approvals_of, task)
         out.approvals = [ApprovalOut.of(a, counts=c) for a, c in decisions]
@@ -124,11 +125,14 @@ def mint(
 
 @router.post("/{task_id}/complete", response_model=TaskOut)
 def complete(task_id: str, session: AgentDep, broker: BrokerDep) -> TaskOut:
-    """End the task and revoke everything it holds."""
-    return TaskOut.of(broker.tasks.complete(session, task_id))
+    """End the task and revoke everything it holds. ``credentials`` says what could not be
+    revoked yet (``revoke_pending``); a task whose mints all failed ends ``failed``."""
+    task = broker.tasks.complete(session, task_id)
+    return TaskOut.of(task, broker.tasks.credentials_of(task))
 
 
 @router.post("/{task_id}/cancel", response_model=TaskOut)
 def cancel(task_id: str, session: AgentDep, broker: BrokerDep) -> TaskOut:
     """Withdraw a request (or give up an unused approval); anything minted is revoked."""
-    return TaskOut.of(broker.tasks.complete(session, task_id, cancel=True))
+    task = broker.tasks.complete(session, task_id, cancel=True)
+    return TaskOut.of(task, broker.tasks.credentials_of(task))
