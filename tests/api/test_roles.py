@@ -182,7 +182,7 @@ def test_each_route_needs_its_own_role_and_nothing_else(node: Node, issuer: Test
     # A decision is refused on the task it concerns; audit reads record their own refusals.
     decisions = [
         e["attributes"]["broker.refusal.code"]
-        for e in node.events("broker.task.approval")
+        for e in node.events("broker.approval.refused")
         if e["outcome"] == "denied"
     ]
     assert decisions.count("not_an_approver") == 4 * 2

@@ -14,7 +14,8 @@ from broker.cli.main import app
 
 runner = CliRunner()
 #: Internal commands started by `broker dev` itself, not by people.
-INTERNAL = {("dev", "issuer")}
+#: Commands other programs run, speaking their own protocol on stdout (git's credential helper).
+INTERNAL = {("dev", "issuer"), ("git-credential",)}
 
 
 def commands() -> Iterator[tuple[tuple[str, ...], Any]]:

@@ -72,7 +72,7 @@ class Node:
         db = Database(f"sqlite:///{self.base / 'broker.db'}")
         try:
             with db.read() as conn:
-                rows = repo.audit_events(conn, task_id=task_id, name="broker.task.approval")
+                rows = repo.audit_events(conn, task_id=task_id, name="broker.approval.refused")
         finally:
             db.dispose()
         return [e["attributes"]["broker.refusal.code"] for e in rows if e["outcome"] == "denied"]
